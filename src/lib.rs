@@ -1,0 +1,15 @@
+//! keel — a cluster coordination engine for sharded databases.
+//!
+//! The crate is layered (DESIGN.md §1); a layer only calls inward:
+//!
+//! 1. [`core`] — pure, synchronous state machines: identifiers, HLC, the wire
+//!    codec, metadata entries and the metadata cache that applies them,
+//!    routing, topology, join tokens, descriptor leases, migration rows.
+//! 2. `raft` — the multi-Raft engine (later issue).
+//! 3. [`io`] — everything that touches the outside world; for now the
+//!    redb-backed tables.
+//! 4. `node` — the async runtime (later issue).
+//! 5. the `keel` binary — operator commands.
+
+pub mod core;
+pub mod io;
