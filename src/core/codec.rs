@@ -14,8 +14,9 @@
 //! Decoding takes untrusted bytes: every failure is a [`CodecError`], never a
 //! panic. The frame size is checked before anything is allocated, and a
 //! postcard length prefix that claims more elements than bytes remain is
-//! refused by postcard before it reserves memory, so allocation is bounded by
-//! the frame. Batches nest at most [`MAX_NESTING`] deep (postcard itself has no
+//! refused by postcard before it reserves memory, so no allocation exceeds the
+//! frame's length times the in-memory size of one element
+//! (`tests/decode_allocation.rs` measures it). Batches nest at most [`MAX_NESTING`] deep (postcard itself has no
 //! recursion limit), so crafted input cannot exhaust the stack.
 
 use serde::de::DeserializeOwned;
