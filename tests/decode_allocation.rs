@@ -122,14 +122,21 @@ fn random_frames_stay_within_the_bound() {
     for _ in 0..20_000 {
         let len = (next() % 64) as usize;
         let body: Vec<u8> = (0..len).map(|_| next() as u8).collect();
-        for kind in [FrameKind::MetadataRecord, FrameKind::Snapshot, FrameKind::Row] {
+        for kind in [
+            FrameKind::MetadataRecord,
+            FrameKind::Snapshot,
+            FrameKind::Row,
+        ] {
             let frame = codec::seal(kind, FORMAT_VERSION, &body);
             let largest = match kind {
                 FrameKind::MetadataRecord => largest_allocation::<MetadataRecord>(&frame),
                 FrameKind::Snapshot => largest_allocation::<MetadataState>(&frame),
                 _ => largest_allocation::<MigrationRow>(&frame),
             };
-            assert!(largest <= bound(&frame), "{kind:?} body {body:?} allocated {largest}");
+            assert!(
+                largest <= bound(&frame),
+                "{kind:?} body {body:?} allocated {largest}"
+            );
         }
     }
 }
