@@ -5,7 +5,7 @@
 //! 1. [`core`] — pure, synchronous state machines: identifiers, HLC, the wire
 //!    codec, metadata entries and the metadata cache that applies them,
 //!    routing, topology, join tokens, descriptor leases, migration rows.
-//! 2. `raft` — the multi-Raft engine (later issue).
+//! 2. [`raft`] — the multi-Raft engine over raft-rs, persisted in redb.
 //! 3. [`io`] — everything that touches the outside world; for now the
 //!    redb-backed tables.
 //! 4. `node` — the async runtime (later issue).
@@ -13,3 +13,4 @@
 
 pub mod core;
 pub mod io;
+pub mod raft;

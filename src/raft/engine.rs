@@ -1,0 +1,603 @@
+//! The multi-Raft engine: every Raft group this node hosts, driven together.
+//!
+//! One [`Engine`] holds a raft-rs `RawNode` per group. The node runtime feeds
+//! it ticks, incoming messages and proposals, and calls [`Engine::round`],
+//! which collects the `Ready` of every group, persists all of them in **one**
+//! redb write transaction (one fsync for the whole node), and only then hands
+//! back the messages to send (batched per peer) and the committed entries to
+//! apply. Nothing is sent that promises persistence before it is durable.
+//!
+//! Commit-index durability: raft-rs reports some commits only after a ready
+//! is advanced (`LightReady::commit_index`). Applying those entries before
+//! their commit index is durable could leave `applied > commit` after a
+//! crash, which raft-rs refuses on restart. So such entries wait for the next
+//! round's write, which persists the commit index first.
+//!
+//! State machines are rebuilt on restart from the group's last snapshot plus
+//! the committed log after it, so the persisted "applied" point of a group is
+//! its snapshot index; [`Engine::compact`] moves it forward and truncates the
+//! log, keeping the log bounded.
+//!
+//! Determinism: raft-rs draws election timeouts from its own unseeded rng,
+//! so the engine pins the range to a single value
+//! (`max_election_tick = min + 1`, an exclusive bound) and the runtime adds
+//! seeded jitter to the tick schedule instead (DESIGN.md §8).
+
+use crate::core::ids::{GroupId, NodeId};
+use crate::raft::logger::raft_logger;
+use crate::raft::storage::{GroupStorage, RaftStore, StorageError, WriteBatch};
+use raft::prelude::{
+    ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry,
+    Message, ReadState, Snapshot, SnapshotStatus,
+};
+use raft::{RawNode, StateRole, Storage};
+use std::collections::BTreeMap;
+
+/// The index (and term) at which a bootstrapped group's log begins.
+pub const BOOTSTRAP_INDEX: u64 = 5;
+
+/// Tunables of the engine. Defaults suit a LAN: 10 ticks to elect, 2 per heartbeat.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub election_tick: usize,
+    pub heartbeat_tick: usize,
+    /// Upper bound on the bytes of entries in one append message.
+    pub max_size_per_msg: u64,
+    /// Upper bound on in-flight append messages per follower.
+    pub max_inflight_msgs: usize,
+    /// Compact a group's log once this many applied entries follow its snapshot.
+    pub compact_threshold: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            election_tick: 10,
+            heartbeat_tick: 2,
+            max_size_per_msg: 1 << 20,
+            max_inflight_msgs: 256,
+            compact_threshold: 10_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("group {0} is not hosted on this node")]
+    UnknownGroup(GroupId),
+    #[error("group {0} is already hosted on this node")]
+    GroupExists(GroupId),
+    #[error("not the leader of group {group}; try {leader:?}")]
+    NotLeader {
+        group: GroupId,
+        leader: Option<NodeId>,
+    },
+    #[error("raft error in group {group}: {source}")]
+    Raft {
+        group: GroupId,
+        #[source]
+        source: raft::Error,
+    },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// A Raft message bound for one peer, tagged with its group.
+#[derive(Clone, Debug)]
+pub struct GroupMessage {
+    pub group: GroupId,
+    pub message: Message,
+}
+
+/// What one group must apply, in order: first the snapshot (if any), then the entries.
+#[derive(Debug)]
+pub struct GroupApply {
+    pub group: GroupId,
+    pub snapshot: Option<Snapshot>,
+    pub entries: Vec<Entry>,
+}
+
+/// The outcome of a round, all of it already durable.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Messages to send, batched per destination node.
+    pub messages: BTreeMap<NodeId, Vec<GroupMessage>>,
+    /// Committed work to apply, per group, in commit order.
+    pub applies: Vec<GroupApply>,
+    /// Completed read-index requests.
+    pub read_states: Vec<(GroupId, ReadState)>,
+    /// Groups whose leader or role changed this round, with the new view.
+    pub role_changes: Vec<(GroupId, Option<NodeId>, StateRole)>,
+}
+
+impl Round {
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.applies.is_empty()
+            && self.read_states.is_empty()
+            && self.role_changes.is_empty()
+    }
+}
+
+/// A group's leadership as this node sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub leader: Option<NodeId>,
+    pub role: StateRole,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub first_index: u64,
+    pub last_index: u64,
+}
+
+struct Group {
+    raw: RawNode<GroupStorage>,
+    /// Entries committed by a `LightReady` whose commit index is not yet durable.
+    deferred: Vec<Entry>,
+    /// The commit index to persist in the next write.
+    deferred_commit: Option<u64>,
+    /// Compaction requested by the runtime: (index, snapshot data).
+    compaction: Option<(u64, Vec<u8>)>,
+}
+
+pub struct Engine {
+    node: NodeId,
+    config: EngineConfig,
+    store: RaftStore,
+    groups: BTreeMap<GroupId, Group>,
+}
+
+fn leader_of(id: u64) -> Option<NodeId> {
+    NodeId::new(id).ok()
+}
+
+impl Engine {
+    pub fn new(node: NodeId, config: EngineConfig, store: RaftStore) -> Self {
+        Engine {
+            node,
+            config,
+            store,
+            groups: BTreeMap::new(),
+        }
+    }
+
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Groups with state on disk (what a restarting node reopens).
+    pub fn persisted_groups(&self) -> Result<Vec<GroupId>, EngineError> {
+        Ok(self.store.groups()?)
+    }
+
+    /// Hosts `group`. With `initial_voters`, a brand-new group starts with
+    /// that configuration (bootstrap); with none, the replica waits for its
+    /// leader to send a snapshot (a new learner or voter). Persisted state,
+    /// if any, always wins. Returns the group's stored snapshot, from which
+    /// the caller restores the state machine before applying anything.
+    pub fn open_group(
+        &mut self,
+        group: GroupId,
+        initial_voters: &[NodeId],
+    ) -> Result<Option<Snapshot>, EngineError> {
+        if self.groups.contains_key(&group) {
+            return Err(EngineError::GroupExists(group));
+        }
+        let voters: Vec<u64> = initial_voters.iter().map(|n| n.get()).collect();
+        let storage = self.store.open_group(group, &voters)?;
+        let brand_new = storage.last_index() == 0 && storage.snapshot_data()?.is_none();
+        if brand_new && !voters.is_empty() {
+            self.write_bootstrap_snapshot(&storage, voters)?;
+        }
+        let snapshot = match storage.snapshot_data()? {
+            // Empty data is the bootstrap snapshot: the state machine's initial state.
+            Some((_, data)) if data.is_empty() => None,
+            Some((metadata, data)) => {
+                let mut snapshot = Snapshot::default();
+                snapshot.set_metadata(metadata);
+                snapshot.set_data(data.into());
+                Some(snapshot)
+            }
+            None => None,
+        };
+        let applied = storage.first_index() - 1;
+        let config = raft::Config {
+            id: self.node.get(),
+            election_tick: self.config.election_tick,
+            heartbeat_tick: self.config.heartbeat_tick,
+            min_election_tick: self.config.election_tick,
+            max_election_tick: self.config.election_tick + 1,
+            applied,
+            max_size_per_msg: self.config.max_size_per_msg,
+            max_inflight_msgs: self.config.max_inflight_msgs,
+            check_quorum: true,
+            pre_vote: true,
+            ..Default::default()
+        };
+        let logger = raft_logger(self.node.get(), group.0);
+        let raw = RawNode::new(&config, storage, &logger)
+            .map_err(|source| EngineError::Raft { group, source })?;
+        self.groups.insert(
+            group,
+            Group {
+                raw,
+                deferred: Vec::new(),
+                deferred_commit: None,
+                compaction: None,
+            },
+        );
+        Ok(snapshot)
+    }
+
+    /// Starts a new group's log at [`BOOTSTRAP_INDEX`] with a snapshot that
+    /// holds its voters and an empty state machine. A replica added later
+    /// starts with nothing and needs entries below that index, which no log
+    /// holds, so its leader sends it a snapshot: every replica learns the
+    /// initial membership the same way, from a snapshot, never by replaying
+    /// a log that does not contain it (the scheme TiKV uses).
+    fn write_bootstrap_snapshot(
+        &self,
+        storage: &GroupStorage,
+        voters: Vec<u64>,
+    ) -> Result<(), EngineError> {
+        let mut snapshot = Snapshot::default();
+        let metadata = snapshot.mut_metadata();
+        metadata.index = BOOTSTRAP_INDEX;
+        metadata.term = BOOTSTRAP_INDEX;
+        metadata.mut_conf_state().set_voters(voters);
+        let mut batch = WriteBatch::default();
+        batch.apply_snapshot(storage, &snapshot);
+        Ok(self.store.write(batch)?)
+    }
+
+    /// Stops hosting `group` (its replica was removed). Its data stays on
+    /// disk until the caller deletes it.
+    pub fn close_group(&mut self, group: GroupId) -> Result<(), EngineError> {
+        self.groups
+            .remove(&group)
+            .map(|_| ())
+            .ok_or(EngineError::UnknownGroup(group))
+    }
+
+    pub fn hosts(&self, group: GroupId) -> bool {
+        self.groups.contains_key(&group)
+    }
+
+    pub fn groups(&self) -> impl Iterator<Item = GroupId> + '_ {
+        self.groups.keys().copied()
+    }
+
+    fn group_mut(&mut self, group: GroupId) -> Result<&mut Group, EngineError> {
+        self.groups
+            .get_mut(&group)
+            .ok_or(EngineError::UnknownGroup(group))
+    }
+
+    /// The group, if this node leads it; otherwise a redirect to the leader it knows.
+    fn leader_group_mut(&mut self, group: GroupId) -> Result<&mut Group, EngineError> {
+        let g = self.group_mut(group)?;
+        if g.raw.raft.state == StateRole::Leader {
+            Ok(g)
+        } else {
+            Err(EngineError::NotLeader {
+                group,
+                leader: leader_of(g.raw.raft.leader_id),
+            })
+        }
+    }
+
+    fn raft_err(group: GroupId) -> impl FnOnce(raft::Error) -> EngineError {
+        move |source| EngineError::Raft { group, source }
+    }
+
+    /// Advances every group's logical clock by one tick.
+    pub fn tick(&mut self) {
+        for group in self.groups.values_mut() {
+            group.raw.tick();
+        }
+    }
+
+    /// Feeds a message from a peer into its group.
+    pub fn step(&mut self, group: GroupId, message: Message) -> Result<(), EngineError> {
+        let g = self.group_mut(group)?;
+        g.raw.step(message).map_err(Self::raft_err(group))
+    }
+
+    /// Starts an election in `group` now (bootstrap and tests; normally the
+    /// election timeout does this).
+    pub fn campaign(&mut self, group: GroupId) -> Result<(), EngineError> {
+        let g = self.group_mut(group)?;
+        g.raw.campaign().map_err(Self::raft_err(group))
+    }
+
+    /// Proposes `data` on the leader. `context` comes back with the committed
+    /// entry, which is how the runtime matches commits to waiting proposers.
+    pub fn propose(
+        &mut self,
+        group: GroupId,
+        context: Vec<u8>,
+        data: Vec<u8>,
+    ) -> Result<(), EngineError> {
+        let g = self.leader_group_mut(group)?;
+        g.raw.propose(context, data).map_err(Self::raft_err(group))
+    }
+
+    /// Proposes a membership change (joint consensus when it changes more
+    /// than one voter; keel always leaves the joint state explicitly).
+    pub fn propose_conf_change(
+        &mut self,
+        group: GroupId,
+        context: Vec<u8>,
+        change: ConfChangeV2,
+    ) -> Result<(), EngineError> {
+        let g = self.leader_group_mut(group)?;
+        g.raw
+            .propose_conf_change(context, change)
+            .map_err(Self::raft_err(group))
+    }
+
+    /// Applies a committed membership change, in apply order.
+    pub fn apply_conf_change(
+        &mut self,
+        group: GroupId,
+        change: &ConfChangeV2,
+    ) -> Result<ConfState, EngineError> {
+        let g = self.group_mut(group)?;
+        g.raw
+            .apply_conf_change(change)
+            .map_err(Self::raft_err(group))
+    }
+
+    /// Requests a linearizable read point; it completes as a `ReadState`
+    /// carrying `context` in a later round.
+    pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) -> Result<(), EngineError> {
+        let g = self.group_mut(group)?;
+        g.raw.read_index(context);
+        Ok(())
+    }
+
+    /// Asks the leader of `group` to hand leadership to `to`.
+    pub fn transfer_leader(&mut self, group: GroupId, to: NodeId) -> Result<(), EngineError> {
+        let g = self.group_mut(group)?;
+        g.raw.transfer_leader(to.get());
+        Ok(())
+    }
+
+    /// The transport could not reach `peer`: raft-rs probes it again instead
+    /// of streaming appends into the void.
+    pub fn report_unreachable(&mut self, group: GroupId, peer: NodeId) -> Result<(), EngineError> {
+        self.group_mut(group)?.raw.report_unreachable(peer.get());
+        Ok(())
+    }
+
+    /// Reports whether a snapshot sent to `peer` arrived.
+    pub fn report_snapshot(
+        &mut self,
+        group: GroupId,
+        peer: NodeId,
+        status: SnapshotStatus,
+    ) -> Result<(), EngineError> {
+        self.group_mut(group)?
+            .raw
+            .report_snapshot(peer.get(), status);
+        Ok(())
+    }
+
+    /// The runtime applied `group` up to `index`.
+    pub fn advance_apply(&mut self, group: GroupId, index: u64) -> Result<(), EngineError> {
+        self.group_mut(group)?.raw.advance_apply_to(index);
+        Ok(())
+    }
+
+    /// Whether `group` needs a fresh snapshot from its state machine: its
+    /// log has grown past the compaction threshold, or a peer needs a
+    /// snapshot the stored one cannot serve.
+    pub fn wants_compaction(&self, group: GroupId) -> bool {
+        self.groups.get(&group).is_some_and(|g| {
+            let store = g.raw.store();
+            let applied = g.raw.raft.raft_log.applied;
+            store.snapshot_wanted()
+                || applied.saturating_sub(store.first_index() - 1) >= self.config.compact_threshold
+        })
+    }
+
+    /// Records the state machine's snapshot at `index` (its applied index);
+    /// the next round stores it and truncates the log up to it.
+    pub fn compact(
+        &mut self,
+        group: GroupId,
+        index: u64,
+        data: Vec<u8>,
+    ) -> Result<(), EngineError> {
+        self.group_mut(group)?.compaction = Some((index, data));
+        Ok(())
+    }
+
+    /// The membership `group` runs with now (as applied on this node).
+    pub fn conf_state(&self, group: GroupId) -> Option<ConfState> {
+        self.groups
+            .get(&group)
+            .map(|g| g.raw.raft.prs().conf().to_conf_state())
+    }
+
+    pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
+        self.groups.get(&group).map(|g| {
+            let raft = &g.raw.raft;
+            GroupStatus {
+                leader: leader_of(raft.leader_id),
+                role: raft.state,
+                term: raft.term,
+                commit: raft.raft_log.committed,
+                applied: raft.raft_log.applied,
+                first_index: g.raw.store().first_index(),
+                last_index: g.raw.store().last_index(),
+            }
+        })
+    }
+
+    /// Whether a round would have anything to do.
+    pub fn has_work(&self) -> bool {
+        self.groups.values().any(|g| {
+            g.raw.has_ready()
+                || !g.deferred.is_empty()
+                || g.deferred_commit.is_some()
+                || g.compaction.is_some()
+        })
+    }
+
+    /// Runs one round for every group: persist everything in one write, then
+    /// release messages and committed entries.
+    pub fn round(&mut self) -> Result<Round, EngineError> {
+        let mut batch = WriteBatch::default();
+        let mut round = Round::default();
+        let mut readies = Vec::new();
+        // Entries whose commit index this write makes durable.
+        let mut released: BTreeMap<GroupId, Vec<Entry>> = BTreeMap::new();
+
+        for (&group, g) in self.groups.iter_mut() {
+            if let Some(commit) = g.deferred_commit.take() {
+                batch.set_commit(g.raw.store(), commit);
+                released.insert(group, std::mem::take(&mut g.deferred));
+            }
+            if let Some((index, data)) = g.compaction.take() {
+                // Only an applied index still in the log can become the
+                // snapshot point; an older request was overtaken.
+                let store = g.raw.store();
+                if index >= store.first_index() && index <= g.raw.raft.raft_log.applied {
+                    let term = store.term(index).map_err(Self::raft_err(group))?;
+                    let conf_state = g.raw.raft.prs().conf().to_conf_state();
+                    batch.compact(store, index, term, &conf_state, data);
+                    store.clear_snapshot_wanted();
+                }
+            }
+            if !g.raw.has_ready() {
+                continue;
+            }
+            let ready = g.raw.ready();
+            if let Some(ss) = ready.ss() {
+                round
+                    .role_changes
+                    .push((group, leader_of(ss.leader_id), ss.raft_state));
+            }
+            if !ready.snapshot().is_empty() {
+                batch.apply_snapshot(g.raw.store(), ready.snapshot());
+            }
+            if !ready.entries().is_empty() {
+                batch.append(g.raw.store(), ready.entries());
+            }
+            if let Some(hs) = ready.hs() {
+                batch.set_hard_state(g.raw.store(), hs);
+            }
+            readies.push((group, ready));
+        }
+
+        if !batch.is_empty() {
+            self.store.write(batch)?;
+        }
+
+        for (group, entries) in released {
+            push_apply(&mut round.applies, group, None, entries);
+        }
+        for (group, mut ready) in readies {
+            let Some(g) = self.groups.get_mut(&group) else {
+                continue;
+            };
+            let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
+            let committed = ready.take_committed_entries();
+            push_apply(&mut round.applies, group, snapshot, committed);
+            round
+                .read_states
+                .extend(ready.take_read_states().into_iter().map(|rs| (group, rs)));
+            let mut messages = ready.take_messages();
+            messages.extend(ready.take_persisted_messages());
+            let mut light = g.raw.advance_append(ready);
+            messages.extend(light.take_messages());
+            let newly_committed = light.take_committed_entries();
+            match light.commit_index() {
+                // The commit index moved past what this round persisted:
+                // these entries wait until the next write makes it durable.
+                Some(commit) => {
+                    g.deferred_commit = Some(commit);
+                    g.deferred.extend(newly_committed);
+                }
+                // Committed earlier (durably), only now persisted locally.
+                None => push_apply(&mut round.applies, group, None, newly_committed),
+            }
+            for message in messages {
+                if let Ok(to) = NodeId::new(message.to) {
+                    round
+                        .messages
+                        .entry(to)
+                        .or_default()
+                        .push(GroupMessage { group, message });
+                }
+            }
+        }
+        Ok(round)
+    }
+}
+
+/// Builds a membership change. One change uses raft's simple protocol;
+/// several enter joint consensus, which keel always leaves explicitly (with
+/// an empty change, raft-rs's encoding of "leave joint"), never automatically,
+/// so the leave is its own checkpointed step (DESIGN.md §5, §10).
+pub fn conf_change(changes: &[(ConfChangeType, NodeId)]) -> ConfChangeV2 {
+    let mut change = ConfChangeV2::default();
+    for &(change_type, node) in changes {
+        let mut single = ConfChangeSingle::default();
+        single.set_change_type(change_type);
+        single.set_node_id(node.get());
+        change.mut_changes().push(single);
+    }
+    if changes.len() > 1 {
+        change.set_transition(ConfChangeTransition::Explicit);
+    }
+    change
+}
+
+/// The membership change a committed entry carries, if it is one (both
+/// the old single-change and the V2 encodings).
+pub fn conf_change_of(entry: &Entry) -> Result<Option<ConfChangeV2>, protobuf::ProtobufError> {
+    use protobuf::Message as _;
+    use raft::prelude::{ConfChange, EntryType};
+    match entry.get_entry_type() {
+        EntryType::EntryNormal => Ok(None),
+        EntryType::EntryConfChange => {
+            let old = ConfChange::parse_from_bytes(entry.get_data())?;
+            let mut single = ConfChangeSingle::default();
+            single.set_change_type(old.get_change_type());
+            single.set_node_id(old.get_node_id());
+            let mut change = ConfChangeV2::default();
+            change.mut_changes().push(single);
+            change.set_context(old.get_context().to_vec().into());
+            Ok(Some(change))
+        }
+        EntryType::EntryConfChangeV2 => Ok(Some(ConfChangeV2::parse_from_bytes(entry.get_data())?)),
+    }
+}
+
+/// Appends committed work for `group`, merging with what is already queued
+/// for it so each group appears once, in order.
+fn push_apply(
+    applies: &mut Vec<GroupApply>,
+    group: GroupId,
+    snapshot: Option<Snapshot>,
+    entries: Vec<Entry>,
+) {
+    if snapshot.is_none() && entries.is_empty() {
+        return;
+    }
+    match applies.iter_mut().find(|a| a.group == group) {
+        Some(apply) if snapshot.is_none() => apply.entries.extend(entries),
+        _ => applies.push(GroupApply {
+            group,
+            snapshot,
+            entries,
+        }),
+    }
+}
