@@ -8,9 +8,11 @@
 //! 2. [`raft`] — the multi-Raft engine over raft-rs, persisted in redb.
 //! 3. [`io`] — everything that touches the outside world; for now the
 //!    redb-backed tables.
-//! 4. `node` — the async runtime (later issue).
+//! 4. [`node`] — the async runtime that drives the engine, applies entries
+//!    and serves requests, generic over the io binding.
 //! 5. the `keel` binary — operator commands.
 
 pub mod core;
 pub mod io;
+pub mod node;
 pub mod raft;

@@ -48,6 +48,8 @@ pub enum FrameKind {
     Snapshot = 0xB1,
     /// A migration checkpoint's phase payload.
     CheckpointPayload = 0xA1,
+    /// A data group's log record (command plus proposal timestamp).
+    DataRecord = 0xF1,
 }
 
 /// A type that travels inside the envelope.

@@ -76,7 +76,27 @@ impl KvCommand {
     }
 }
 
-/// The answer to a [`KvCommand`].
+/// A read of the store.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KvQuery {
+    /// The value of `key`; answered with `KvResponse::Value`.
+    Get { key: Vec<u8> },
+}
+
+impl Wire for KvQuery {
+    const KIND: FrameKind = FrameKind::Rpc;
+}
+
+impl KvQuery {
+    /// The vShard the query reads.
+    pub fn vshard(&self) -> VShardId {
+        match self {
+            KvQuery::Get { key } => VShardId::for_key(key),
+        }
+    }
+}
+
+/// The answer to a [`KvCommand`] or [`KvQuery`].
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KvResponse {
     /// The compare-and-set succeeded.
@@ -282,6 +302,14 @@ impl DataStateMachine for KvStateMachine {
 
     fn applied_index(&self) -> u64 {
         self.applied
+    }
+
+    fn query(&self, query: &[u8]) -> Vec<u8> {
+        let response = match codec::decode::<KvQuery>(query) {
+            Ok(KvQuery::Get { key }) => KvResponse::Value(self.get(&key).map(<[u8]>::to_vec)),
+            Err(e) => KvResponse::Error(format!("query does not decode: {e}")),
+        };
+        codec::encode(&response)
     }
 
     fn snapshot(&self) -> Vec<u8> {
@@ -773,6 +801,30 @@ mod tests {
 
     /// Keys and values from tiny alphabets, so that commands collide and
     /// compare-and-sets succeed often; now and then one over a limit.
+    #[test]
+    fn queries_read_the_store_and_refuse_garbage() {
+        let mut kv = KvStateMachine::new();
+        kv.apply(
+            1,
+            &codec::encode(&KvCommand::Put {
+                key: b"k".to_vec(),
+                value: b"v".to_vec(),
+            }),
+        );
+        let get = |kv: &KvStateMachine, key: &[u8]| {
+            codec::decode::<KvResponse>(
+                &kv.query(&codec::encode(&KvQuery::Get { key: key.to_vec() })),
+            )
+            .unwrap()
+        };
+        assert_eq!(get(&kv, b"k"), KvResponse::Value(Some(b"v".to_vec())));
+        assert_eq!(get(&kv, b"absent"), KvResponse::Value(None));
+        assert!(matches!(
+            codec::decode::<KvResponse>(&kv.query(b"garbage")).unwrap(),
+            KvResponse::Error(_)
+        ));
+    }
+
     fn key() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
             100 => vec(0u8..4, 0..3),

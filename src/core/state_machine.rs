@@ -30,6 +30,12 @@ pub trait DataStateMachine: Send {
     /// The index of the last applied command (0 for a new state machine).
     fn applied_index(&self) -> u64;
 
+    /// Answers a read-only query on the current state. The node calls it
+    /// once the state is recent enough for the read's consistency (after a
+    /// read index for linearizable reads). Like `apply`, a query that does
+    /// not decode gets an error *response*.
+    fn query(&self, query: &[u8]) -> Vec<u8>;
+
     /// The serialized state as of `applied_index` (a Raft snapshot).
     fn snapshot(&self) -> Vec<u8>;
 

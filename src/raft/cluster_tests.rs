@@ -6,7 +6,9 @@ use crate::core::codec;
 use crate::core::ids::{GroupId, NodeId};
 use crate::core::kv::{KvCommand, KvStateMachine};
 use crate::core::state_machine::DataStateMachine;
-use crate::raft::engine::{conf_change, conf_change_of, Engine, EngineConfig, GroupApply};
+use crate::raft::engine::{
+    conf_change, conf_change_of, Engine, EngineConfig, GroupApply, GroupBootstrap,
+};
 use crate::raft::storage::RaftStore;
 use raft::prelude::{ConfChangeType, MessageType};
 use raft::SnapshotStatus;
@@ -36,8 +38,12 @@ impl TestNode {
         let mut groups: BTreeSet<GroupId> =
             engine.persisted_groups().unwrap().into_iter().collect();
         groups.insert(G);
+        let bootstrap = (!voters.is_empty()).then(|| GroupBootstrap {
+            voters: voters.to_vec(),
+            data: KvStateMachine::new().snapshot(),
+        });
         for group in groups {
-            let snapshot = engine.open_group(group, voters).unwrap();
+            let snapshot = engine.open_group(group, bootstrap.clone()).unwrap();
             let mut sm = KvStateMachine::new();
             if let Some(snapshot) = snapshot {
                 sm.restore(snapshot.get_data()).unwrap();
@@ -50,11 +56,7 @@ impl TestNode {
     fn apply(&mut self, apply: GroupApply) {
         let sm = self.machines.entry(apply.group).or_default();
         if let Some(snapshot) = &apply.snapshot {
-            if snapshot.get_data().is_empty() {
-                *sm = KvStateMachine::new();
-            } else {
-                sm.restore(snapshot.get_data()).unwrap();
-            }
+            sm.restore(snapshot.get_data()).unwrap();
         }
         let mut last = None;
         for entry in &apply.entries {

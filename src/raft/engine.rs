@@ -82,6 +82,14 @@ pub enum EngineError {
     Storage(#[from] StorageError),
 }
 
+/// How a brand-new group starts: its voters and its state machine's
+/// initial snapshot, as of [`BOOTSTRAP_INDEX`].
+#[derive(Clone, Debug)]
+pub struct GroupBootstrap {
+    pub voters: Vec<NodeId>,
+    pub data: Vec<u8>,
+}
+
 /// A Raft message bound for one peer, tagged with its group.
 #[derive(Clone, Debug)]
 pub struct GroupMessage {
@@ -175,28 +183,26 @@ impl Engine {
         Ok(self.store.groups()?)
     }
 
-    /// Hosts `group`. With `initial_voters`, a brand-new group starts with
-    /// that configuration (bootstrap); with none, the replica waits for its
-    /// leader to send a snapshot (a new learner or voter). Persisted state,
-    /// if any, always wins. Returns the group's stored snapshot, from which
-    /// the caller restores the state machine before applying anything.
+    /// Hosts `group`. With a [`GroupBootstrap`], a brand-new group starts
+    /// from that membership and state-machine snapshot (cluster bootstrap,
+    /// group creation); with none, the replica waits for its leader to send a
+    /// snapshot (a new learner or voter). Persisted state, if any, always
+    /// wins. Returns the group's stored snapshot, from which the caller
+    /// restores the state machine before applying anything.
     pub fn open_group(
         &mut self,
         group: GroupId,
-        initial_voters: &[NodeId],
+        bootstrap: Option<GroupBootstrap>,
     ) -> Result<Option<Snapshot>, EngineError> {
         if self.groups.contains_key(&group) {
             return Err(EngineError::GroupExists(group));
         }
-        let voters: Vec<u64> = initial_voters.iter().map(|n| n.get()).collect();
-        let storage = self.store.open_group(group, &voters)?;
+        let storage = self.store.open_group(group, &[])?;
         let brand_new = storage.last_index() == 0 && storage.snapshot_data()?.is_none();
-        if brand_new && !voters.is_empty() {
-            self.write_bootstrap_snapshot(&storage, voters)?;
+        if let (true, Some(bootstrap)) = (brand_new, bootstrap) {
+            self.write_bootstrap_snapshot(&storage, bootstrap)?;
         }
         let snapshot = match storage.snapshot_data()? {
-            // Empty data is the bootstrap snapshot: the state machine's initial state.
-            Some((_, data)) if data.is_empty() => None,
             Some((metadata, data)) => {
                 let mut snapshot = Snapshot::default();
                 snapshot.set_metadata(metadata);
@@ -234,22 +240,25 @@ impl Engine {
         Ok(snapshot)
     }
 
-    /// Starts a new group's log at [`BOOTSTRAP_INDEX`] with a snapshot that
-    /// holds its voters and an empty state machine. A replica added later
-    /// starts with nothing and needs entries below that index, which no log
-    /// holds, so its leader sends it a snapshot: every replica learns the
-    /// initial membership the same way, from a snapshot, never by replaying
-    /// a log that does not contain it (the scheme TiKV uses).
+    /// Starts a new group's log at [`BOOTSTRAP_INDEX`] with a snapshot of
+    /// its voters and initial state. A replica added later starts with
+    /// nothing and needs entries below that index, which no log holds, so
+    /// its leader sends it a snapshot: every replica learns the initial
+    /// membership the same way, from a snapshot, never by replaying a log
+    /// that does not contain it (the scheme TiKV uses).
     fn write_bootstrap_snapshot(
         &self,
         storage: &GroupStorage,
-        voters: Vec<u64>,
+        bootstrap: GroupBootstrap,
     ) -> Result<(), EngineError> {
         let mut snapshot = Snapshot::default();
         let metadata = snapshot.mut_metadata();
         metadata.index = BOOTSTRAP_INDEX;
         metadata.term = BOOTSTRAP_INDEX;
-        metadata.mut_conf_state().set_voters(voters);
+        metadata
+            .mut_conf_state()
+            .set_voters(bootstrap.voters.iter().map(|n| n.get()).collect());
+        snapshot.set_data(bootstrap.data.into());
         let mut batch = WriteBatch::default();
         batch.apply_snapshot(storage, &snapshot);
         Ok(self.store.write(batch)?)
@@ -416,6 +425,20 @@ impl Engine {
     ) -> Result<(), EngineError> {
         self.group_mut(group)?.compaction = Some((index, data));
         Ok(())
+    }
+
+    /// Whether a membership change of `group` is proposed but not yet
+    /// applied here (raft-rs refuses another until it is).
+    pub fn conf_change_pending(&self, group: GroupId) -> bool {
+        self.groups
+            .get(&group)
+            .is_some_and(|g| g.raw.raft.pending_conf_index > g.raw.raft.raft_log.applied)
+    }
+
+    /// On the leader: the highest log index known to be replicated on `peer`.
+    pub fn matched(&self, group: GroupId, peer: NodeId) -> Option<u64> {
+        let g = self.groups.get(&group)?;
+        g.raw.raft.prs().get(peer.get()).map(|p| p.matched)
     }
 
     /// The membership `group` runs with now (as applied on this node).

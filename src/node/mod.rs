@@ -1,0 +1,263 @@
+//! Layer 4: the node — the async runtime that wires one keel node together
+//! (DESIGN.md §1). [`start`] opens or creates the node's state and spawns
+//! its event loop; the returned [`Node`] is the handle through which the
+//! host, the CLI and peers' forwarded requests reach it.
+//!
+//! A request made on a node that does not lead the group concerned is
+//! forwarded to the leader the node knows (following redirects), so a
+//! client may talk to any node.
+
+pub mod membership;
+pub mod rpc;
+mod runtime;
+
+use crate::core::cache::{Bootstrap, MetadataState};
+use crate::core::codec;
+use crate::core::entry::MetadataEntry;
+use crate::core::hlc::DEFAULT_MAX_CLOCK_OFFSET_MS;
+use crate::core::hooks::MetadataHooks;
+use crate::core::ids::{GroupId, NodeId, VShardId};
+use crate::io::transport::Transport;
+use crate::io::NodeIo;
+use crate::raft::engine::EngineConfig;
+use rpc::{Committed, NodeError, NodeStatus, Request, Response};
+use runtime::{Command, Runtime};
+pub use runtime::{MachineFactory, StartError, MAX_METADATA_VOTERS};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// How a node runs.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    pub engine: EngineConfig,
+    /// One Raft tick; elections take `engine.election_tick` of them.
+    pub tick_interval: Duration,
+    pub max_clock_offset_ms: u64,
+    /// How long a proposal or read may take, redirects included.
+    pub request_timeout: Duration,
+}
+
+impl NodeConfig {
+    pub fn new(node_id: NodeId) -> Self {
+        NodeConfig {
+            node_id,
+            engine: EngineConfig::default(),
+            tick_interval: Duration::from_millis(100),
+            max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A handle to a running node. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    id: NodeId,
+    commands: mpsc::UnboundedSender<Command>,
+    transport: Arc<dyn Transport>,
+    request_timeout: Duration,
+}
+
+/// Starts a node: restarts from its persisted state if it has any,
+/// otherwise bootstraps a new cluster with `bootstrap`, or, without it,
+/// waits to receive group 0 from the cluster it is joining.
+pub fn start(
+    config: NodeConfig,
+    io: NodeIo,
+    bootstrap: Option<Bootstrap>,
+    factory: MachineFactory,
+    hooks: Box<dyn MetadataHooks + Send>,
+) -> Result<(Node, JoinHandle<()>), StartError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let node = Node {
+        id: config.node_id,
+        commands: tx,
+        transport: Arc::clone(&io.transport),
+        request_timeout: config.request_timeout,
+    };
+    let runtime = Runtime::open(config, io, bootstrap, factory, hooks, rx)?;
+    let task = tokio::spawn(runtime.run());
+    Ok((node, task))
+}
+
+/// The pause between attempts while no leader is known.
+const RETRY_PAUSE: Duration = Duration::from_millis(20);
+
+impl Node {
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    async fn local<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, NodeError>>) -> Command,
+    ) -> Result<T, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(make(tx))
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)?
+    }
+
+    async fn remote(&self, to: NodeId, request: &Request) -> Result<Response, NodeError> {
+        let bytes = self
+            .transport
+            .call(to, codec::encode(request), self.request_timeout)
+            .await
+            .map_err(|e| NodeError::Unreachable {
+                peer: to,
+                cause: e.to_string(),
+            })?;
+        codec::decode::<Response>(&bytes).map_err(|e| NodeError::BadRequest(e.to_string()))
+    }
+
+    /// Runs a request here or at the leader, following redirects until the
+    /// deadline. `local` runs it on this node; `unwrap` takes the result out
+    /// of a peer's response.
+    async fn with_redirects<T, L>(
+        &self,
+        request: Request,
+        local: L,
+        unwrap: fn(Response) -> Option<T>,
+    ) -> Result<T, NodeError>
+    where
+        L: Fn(oneshot::Sender<Result<T, NodeError>>) -> Command,
+    {
+        let deadline = tokio::time::Instant::now() + self.request_timeout;
+        let mut target = self.id;
+        loop {
+            let result = if target == self.id {
+                self.local(&local).await
+            } else {
+                match self.remote(target, &request).await {
+                    Ok(Response::Error(e)) => Err(e),
+                    Ok(response) => unwrap(response)
+                        .ok_or_else(|| NodeError::BadRequest("unexpected response".into())),
+                    Err(e) => Err(e),
+                }
+            };
+            let retry = match &result {
+                Err(NodeError::NotLeader {
+                    leader: Some(leader),
+                    ..
+                }) if *leader != target => Some(*leader),
+                Err(NodeError::NotLeader { .. })
+                | Err(NodeError::NoMetadata)
+                | Err(NodeError::Unreachable { .. }) => {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    Some(self.id)
+                }
+                _ => None,
+            };
+            match retry {
+                Some(next) if tokio::time::Instant::now() < deadline => target = next,
+                Some(_) => return Err(NodeError::Timeout),
+                None => return result,
+            }
+        }
+    }
+
+    /// Proposes a metadata entry to group 0; returns once it applied (or was
+    /// deterministically rejected — see [`rpc::Outcome::Metadata`]).
+    pub async fn propose_metadata(&self, entry: MetadataEntry) -> Result<Committed, NodeError> {
+        self.with_redirects(
+            Request::ProposeMetadata(entry.clone()),
+            |reply| Command::ProposeMetadata {
+                entry: entry.clone(),
+                reply,
+            },
+            |r| match r {
+                Response::Committed(c) => Some(c),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// Proposes a data command on `vshard`; returns once it applied, with
+    /// the state machine's response.
+    pub async fn propose(
+        &self,
+        vshard: VShardId,
+        command: Vec<u8>,
+    ) -> Result<Committed, NodeError> {
+        self.with_redirects(
+            Request::Propose {
+                vshard,
+                group: None,
+                command: command.clone(),
+            },
+            |reply| Command::Propose {
+                vshard,
+                group: None,
+                command: command.clone(),
+                reply,
+            },
+            |r| match r {
+                Response::Committed(c) => Some(c),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// A linearizable read on `vshard`'s group, served by its leader.
+    pub async fn read(&self, vshard: VShardId, query: Vec<u8>) -> Result<Vec<u8>, NodeError> {
+        self.with_redirects(
+            Request::Read {
+                vshard,
+                query: query.clone(),
+            },
+            |reply| Command::Read {
+                vshard,
+                query: query.clone(),
+                linearizable: true,
+                reply,
+            },
+            |r| match r {
+                Response::Read(bytes) => Some(bytes),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// A possibly stale read from this node's own replica of `vshard`'s group.
+    pub async fn read_stale(&self, vshard: VShardId, query: Vec<u8>) -> Result<Vec<u8>, NodeError> {
+        self.local(|reply| Command::Read {
+            vshard,
+            query,
+            linearizable: false,
+            reply,
+        })
+        .await
+    }
+
+    /// The metadata state, read linearizably on this node if it leads group 0.
+    pub async fn metadata(&self) -> Result<MetadataState, NodeError> {
+        self.local(|reply| Command::ReadMetadata { reply })
+            .await
+            .map(|state| *state)
+    }
+
+    pub async fn status(&self) -> Result<NodeStatus, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Status { reply: tx })
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// The view of `group` from this node, if it hosts it.
+    pub async fn group(&self, group: GroupId) -> Result<Option<rpc::GroupView>, NodeError> {
+        Ok(self
+            .status()
+            .await?
+            .groups
+            .into_iter()
+            .find(|g| g.group == group))
+    }
+}

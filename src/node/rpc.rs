@@ -1,0 +1,140 @@
+//! What nodes (and clients) say to each other. Every frame is a
+//! [`Request`] or [`Response`] inside the codec envelope; a node decodes and
+//! validates each one, and answers a malformed call with an error.
+
+use crate::core::cache::RejectReason;
+use crate::core::codec::{FrameKind, Wire};
+use crate::core::entry::MetadataEntry;
+use crate::core::hlc::Hlc;
+use crate::core::ids::{GroupId, NodeId, VShardId};
+use crate::core::routing::WrongGroup;
+use serde::{Deserialize, Serialize};
+
+/// One Raft message of one group, in raft-rs's protobuf encoding.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RaftFrame {
+    pub group: GroupId,
+    pub message: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// One round's Raft messages for one peer, all groups together (one-way).
+    Raft(Vec<RaftFrame>),
+    /// A Raft snapshot, sent as a call so that the sender learns whether it
+    /// arrived and can tell raft-rs (`report_snapshot`).
+    RaftSnapshot(RaftFrame),
+    /// Propose a metadata entry (forwarded to the group-0 leader).
+    ProposeMetadata(MetadataEntry),
+    /// Propose a data command on a vShard. `group` is the group the sender
+    /// believes serves the vShard; a leader whose routing disagrees answers
+    /// with a [`WrongGroup`] redirect.
+    Propose {
+        vshard: VShardId,
+        group: Option<GroupId>,
+        command: Vec<u8>,
+    },
+    /// A linearizable read on a vShard (forwarded to its group's leader).
+    Read {
+        vshard: VShardId,
+        query: Vec<u8>,
+    },
+    Status,
+}
+
+impl Wire for Request {
+    const KIND: FrameKind = FrameKind::Rpc;
+}
+
+/// What a committed proposal produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// A metadata entry: applied, or deterministically rejected and why.
+    Metadata(Option<RejectReason>),
+    /// A data command: the state machine's response.
+    Data(Vec<u8>),
+}
+
+/// A committed proposal: where it landed and what it did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    pub index: u64,
+    pub hlc: Hlc,
+    pub outcome: Outcome,
+}
+
+/// How a group looks from one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    pub group: GroupId,
+    pub leader: Option<NodeId>,
+    pub is_leader: bool,
+    pub term: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// Set if the group fail-stopped on this node (DESIGN.md §3.3).
+    pub failed: Option<String>,
+}
+
+/// A node's view of itself and its groups (`keel status`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub node: NodeId,
+    pub routing_epoch: Option<u64>,
+    pub metadata_applied: Option<u64>,
+    pub groups: Vec<GroupView>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum NodeError {
+    #[error("node is not the leader of group {group}; the leader is {leader:?}")]
+    NotLeader {
+        group: GroupId,
+        leader: Option<NodeId>,
+    },
+    #[error(transparent)]
+    WrongGroup(WrongGroup),
+    #[error("this node does not have the cluster's metadata yet; retry shortly")]
+    NoMetadata,
+    #[error("group {group} is fail-stopped on this node: {cause}")]
+    FailStopped { group: GroupId, cause: String },
+    #[error("the request timed out; a proposal's outcome is unknown")]
+    Timeout,
+    #[error("the node is shutting down")]
+    Stopped,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("peer {peer} could not be reached: {cause}")]
+    Unreachable { peer: NodeId, cause: String },
+    #[error("the proposal was dropped before it committed (leadership changed); retry")]
+    Dropped,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    Committed(Committed),
+    Read(Vec<u8>),
+    Status(NodeStatus),
+    /// A snapshot frame was received and stepped.
+    Ack,
+    Error(NodeError),
+}
+
+impl Wire for Response {
+    const KIND: FrameKind = FrameKind::Rpc;
+}
+
+/// A data group's log record: the command and when (and for which vShard)
+/// its leader proposed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataRecord {
+    pub hlc: Hlc,
+    pub vshard: VShardId,
+    pub command: Vec<u8>,
+}
+
+impl Wire for DataRecord {
+    const KIND: FrameKind = FrameKind::DataRecord;
+}

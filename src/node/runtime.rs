@@ -1,0 +1,1060 @@
+//! The node's event loop: one task that owns the multi-Raft engine, the
+//! metadata cache and the data state machines.
+//!
+//! Everything that changes them happens on this task, in the order events
+//! arrive: ticks (on a seeded, jittered schedule), frames and calls from
+//! peers, and commands from the local [`Node`](super::Node) handle. After
+//! each batch of events the loop drives engine rounds until there is nothing
+//! left to do: persist, send, apply, answer waiting proposers and readers.
+//! It uses only `tokio` (madsim's in the simulator) and the io layer, so the
+//! same code runs in production, in tests and under simulation.
+
+use crate::core::cache::{Bootstrap, MetadataCache, RejectReason};
+use crate::core::codec;
+use crate::core::entry::{MetadataEntry, MetadataRecord};
+use crate::core::hlc::HlcClock;
+use crate::core::hooks::MetadataHooks;
+use crate::core::ids::{GroupId, NodeId, VShardId};
+use crate::core::state_machine::DataStateMachine;
+use crate::io::clock::WallClock;
+use crate::io::transport::{Inbound, InboundReceiver, Transport};
+use crate::node::membership::{next_change, Wanted};
+use crate::node::rpc::{
+    Committed, DataRecord, GroupView, NodeError, NodeStatus, Outcome, RaftFrame, Request, Response,
+};
+use crate::node::NodeConfig;
+use crate::raft::engine::{
+    conf_change, conf_change_of, Engine, EngineError, GroupApply, GroupBootstrap, GroupMessage,
+    BOOTSTRAP_INDEX,
+};
+use protobuf::Message as _;
+use raft::prelude::{Entry, Message, MessageType, Snapshot};
+use raft::{SnapshotStatus, StateRole};
+use rand_chacha::rand_core::RngCore;
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep_until, Instant};
+
+/// Builds the state machine of a data group.
+pub type MachineFactory = Arc<dyn Fn(GroupId) -> Box<dyn DataStateMachine> + Send + Sync>;
+
+/// The most group-0 voters the leader promotes automatically.
+pub const MAX_METADATA_VOTERS: usize = 5;
+/// A joining node is activated once it lags the leader by at most this much.
+const CATCH_UP_LAG: u64 = 16;
+
+/// Whether a snapshot sent to a peer arrived.
+type SnapshotReport = (GroupId, NodeId, SnapshotStatus);
+
+/// Requests from the local handle.
+pub(crate) enum Command {
+    ProposeMetadata {
+        entry: MetadataEntry,
+        reply: oneshot::Sender<Result<Committed, NodeError>>,
+    },
+    Propose {
+        vshard: VShardId,
+        group: Option<GroupId>,
+        command: Vec<u8>,
+        reply: oneshot::Sender<Result<Committed, NodeError>>,
+    },
+    Read {
+        vshard: VShardId,
+        query: Vec<u8>,
+        linearizable: bool,
+        reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
+    },
+    ReadMetadata {
+        reply: oneshot::Sender<Result<Box<crate::core::cache::MetadataState>, NodeError>>,
+    },
+    Status {
+        reply: oneshot::Sender<NodeStatus>,
+    },
+}
+
+/// A proposal waiting for its entry to apply.
+struct PendingProposal {
+    group: GroupId,
+    hlc: crate::core::hlc::Hlc,
+    reply: oneshot::Sender<Result<Committed, NodeError>>,
+    /// When the proposal gives up: an entry lost to a leadership change
+    /// never applies, and its proposer must not wait forever.
+    deadline: Instant,
+}
+
+/// A linearizable read waiting for its read index, then for the apply.
+struct PendingRead {
+    group: GroupId,
+    /// `None` reads the metadata state.
+    query: Option<Vec<u8>>,
+    reply: ReadReply,
+    /// Set once the read index is known.
+    index: Option<u64>,
+    deadline: Instant,
+}
+
+enum ReadReply {
+    Data(oneshot::Sender<Result<Vec<u8>, NodeError>>),
+    Metadata(oneshot::Sender<Result<Box<crate::core::cache::MetadataState>, NodeError>>),
+}
+
+impl ReadReply {
+    fn fail(self, error: NodeError) {
+        match self {
+            ReadReply::Data(tx) => drop(tx.send(Err(error))),
+            ReadReply::Metadata(tx) => drop(tx.send(Err(error))),
+        }
+    }
+}
+
+pub(crate) struct Runtime {
+    me: NodeId,
+    config: NodeConfig,
+    engine: Engine,
+    transport: Arc<dyn Transport>,
+    clock: Arc<dyn WallClock>,
+    rng: ChaCha8Rng,
+    hlc: HlcClock,
+    metadata: Option<MetadataCache>,
+    machines: BTreeMap<GroupId, Box<dyn DataStateMachine>>,
+    factory: MachineFactory,
+    hooks: Box<dyn MetadataHooks + Send>,
+    /// Groups that fail-stopped here, and why (DESIGN.md §3.3).
+    failed: BTreeMap<GroupId, String>,
+    /// Random per start, so contexts of proposals from an earlier run of
+    /// this node (replayed from the log) never match a new proposal.
+    incarnation: u64,
+    next_id: u64,
+    proposals: BTreeMap<u64, PendingProposal>,
+    reads: BTreeMap<u64, PendingRead>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    inbound: InboundReceiver,
+    /// Outcomes of snapshot sends, from the tasks that sent them.
+    snapshot_reports: (
+        mpsc::UnboundedSender<SnapshotReport>,
+        mpsc::UnboundedReceiver<SnapshotReport>,
+    ),
+    /// The topology steps this leader proposed and has not seen applied, so
+    /// that each tick does not propose them again.
+    topology_inflight: Vec<oneshot::Receiver<Result<Committed, NodeError>>>,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("the stored metadata snapshot cannot be restored: {0}")]
+    Metadata(#[from] crate::core::cache::RestoreError),
+    #[error("the stored snapshot of group {group} cannot be restored: {cause}")]
+    Machine { group: GroupId, cause: String },
+    #[error("bootstrap refused: {0}")]
+    Bootstrap(String),
+}
+
+impl Runtime {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn open(
+        config: NodeConfig,
+        io: crate::io::NodeIo,
+        bootstrap: Option<Bootstrap>,
+        factory: MachineFactory,
+        hooks: Box<dyn MetadataHooks + Send>,
+        commands: mpsc::UnboundedReceiver<Command>,
+    ) -> Result<Self, StartError> {
+        let me = config.node_id;
+        let mut rng = io.rng;
+        let engine = Engine::new(
+            me,
+            config.engine.clone(),
+            crate::raft::storage::RaftStore::new(io.db),
+        );
+        let mut runtime = Runtime {
+            me,
+            hlc: HlcClock::new(config.max_clock_offset_ms),
+            config,
+            engine,
+            transport: io.transport,
+            clock: io.clock,
+            incarnation: rng.next_u64(),
+            rng,
+            metadata: None,
+            machines: BTreeMap::new(),
+            factory,
+            hooks,
+            failed: BTreeMap::new(),
+            next_id: 0,
+            proposals: BTreeMap::new(),
+            reads: BTreeMap::new(),
+            commands,
+            inbound: io.inbound,
+            snapshot_reports: mpsc::unbounded_channel(),
+            topology_inflight: Vec::new(),
+        };
+        let persisted = runtime.engine.persisted_groups()?;
+        if !persisted.is_empty() {
+            for group in persisted {
+                runtime.host(group, None)?;
+            }
+        } else if let Some(b) = bootstrap {
+            runtime.bootstrap(&b)?;
+        } else {
+            // A joining node: group 0 arrives as a snapshot from its leader.
+            runtime.host(GroupId::METADATA, None)?;
+        }
+        Ok(runtime)
+    }
+
+    /// Creates the cluster: group 0 with this node as its only voter, and
+    /// every data group of the routing table on this node.
+    fn bootstrap(&mut self, b: &Bootstrap) -> Result<(), StartError> {
+        if b.node_id != self.me {
+            return Err(StartError::Bootstrap(format!(
+                "bootstrap names node {} but this is node {}",
+                b.node_id, self.me
+            )));
+        }
+        let cache =
+            MetadataCache::bootstrap(b).map_err(|e| StartError::Bootstrap(e.to_string()))?;
+        // The log starts at the bootstrap snapshot: indexes up to it hold nothing.
+        let mut state = cache.state().clone();
+        state.applied_index = BOOTSTRAP_INDEX;
+        let cache = MetadataCache::from_state(state);
+        let groups: Vec<(GroupId, Vec<NodeId>)> = cache
+            .state()
+            .routing
+            .groups()
+            .map(|(g, route)| (g, route.voters.clone()))
+            .collect();
+        self.host(
+            GroupId::METADATA,
+            Some(GroupBootstrap {
+                voters: vec![self.me],
+                data: cache.snapshot(),
+            }),
+        )?;
+        for (group, voters) in groups {
+            let data = (self.factory)(group).snapshot();
+            self.host(group, Some(GroupBootstrap { voters, data }))?;
+        }
+        Ok(())
+    }
+
+    /// Opens `group` in the engine and restores its state machine from the
+    /// stored snapshot, if there is one.
+    fn host(
+        &mut self,
+        group: GroupId,
+        bootstrap: Option<GroupBootstrap>,
+    ) -> Result<(), StartError> {
+        let snapshot = self.engine.open_group(group, bootstrap)?;
+        if let Some(snapshot) = snapshot {
+            self.restore(group, &snapshot)?;
+        } else if !group.is_metadata() {
+            self.machines.insert(group, (self.factory)(group));
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, group: GroupId, snapshot: &Snapshot) -> Result<(), StartError> {
+        let data = snapshot.get_data();
+        if group.is_metadata() {
+            let cache = MetadataCache::restore(data)?;
+            self.metadata = Some(cache);
+        } else {
+            let mut machine = (self.factory)(group);
+            machine.restore(data).map_err(|e| StartError::Machine {
+                group,
+                cause: e.to_string(),
+            })?;
+            self.machines.insert(group, machine);
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut next_tick = Instant::now() + self.jittered_tick();
+        loop {
+            tokio::select! {
+                _ = sleep_until(next_tick) => {
+                    self.engine.tick();
+                    self.expire_waiters();
+                    self.reconcile();
+                    next_tick = Instant::now() + self.jittered_tick();
+                }
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                Some(inbound) = self.inbound.recv() => self.on_inbound(inbound),
+                Some((group, peer, status)) = self.snapshot_reports.1.recv() => {
+                    let _ = self.engine.report_snapshot(group, peer, status);
+                }
+            }
+            // Take whatever else is already waiting before the next round,
+            // so that one fsync covers as much as possible.
+            while let Ok(command) = self.commands.try_recv() {
+                self.on_command(command);
+            }
+            while let Ok(inbound) = self.inbound.try_recv() {
+                self.on_inbound(inbound);
+            }
+            if let Err(e) = self.drive() {
+                // A failed write may have left part of a round on disk and
+                // raft-rs holding readies it can no longer advance. The only
+                // safe continuation is a restart from what is durable, as
+                // after a crash.
+                tracing::error!(node = %self.me, error = %e, "storage failed; stopping the node");
+                break;
+            }
+        }
+        tracing::debug!(node = %self.me, "node runtime stopped");
+    }
+
+    /// The tick interval with up to ±20% seeded jitter: raft-rs's election
+    /// timeout is pinned, so this is what keeps elections from colliding.
+    fn jittered_tick(&mut self) -> std::time::Duration {
+        let base = self.config.tick_interval;
+        let jitter = (self.rng.next_u32() % 41) as f64 / 100.0 - 0.2;
+        base.mul_f64(1.0 + jitter)
+    }
+
+    fn next_context(&mut self) -> (u64, Vec<u8>) {
+        self.next_id += 1;
+        let mut context = self.incarnation.to_be_bytes().to_vec();
+        context.extend_from_slice(&self.next_id.to_be_bytes());
+        (self.next_id, context)
+    }
+
+    /// The proposal id in a context this incarnation made, if it is one.
+    fn own_id(&self, context: &[u8]) -> Option<u64> {
+        let (incarnation, id) = context.split_at_checked(8)?;
+        (incarnation == self.incarnation.to_be_bytes()).then_some(())?;
+        Some(u64::from_be_bytes(id.try_into().ok()?))
+    }
+
+    fn not_leader(&self, group: GroupId) -> NodeError {
+        let leader = self
+            .engine
+            .status(group)
+            .and_then(|s| s.leader)
+            .or_else(|| {
+                let route = self.metadata.as_ref()?.state().routing.group(group)?;
+                route.leader
+            });
+        NodeError::NotLeader { group, leader }
+    }
+
+    fn propose(
+        &mut self,
+        group: GroupId,
+        data: Vec<u8>,
+        hlc: crate::core::hlc::Hlc,
+        reply: oneshot::Sender<Result<Committed, NodeError>>,
+    ) {
+        if let Some(cause) = self.failed.get(&group) {
+            let _ = reply.send(Err(NodeError::FailStopped {
+                group,
+                cause: cause.clone(),
+            }));
+            return;
+        }
+        let (id, context) = self.next_context();
+        match self.engine.propose(group, context, data) {
+            Ok(()) => {
+                let deadline = Instant::now() + self.config.request_timeout;
+                self.proposals.insert(
+                    id,
+                    PendingProposal {
+                        group,
+                        hlc,
+                        reply,
+                        deadline,
+                    },
+                );
+            }
+            Err(EngineError::NotLeader { .. }) | Err(EngineError::UnknownGroup(_)) => {
+                let _ = reply.send(Err(self.not_leader(group)));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(NodeError::BadRequest(e.to_string())));
+            }
+        }
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ProposeMetadata { entry, reply } => {
+                let Some(cache) = &self.metadata else {
+                    let _ = reply.send(Err(NodeError::NoMetadata));
+                    return;
+                };
+                if let Err(e) = entry.check_allowed(cache.state().cluster_version) {
+                    let _ = reply.send(Err(NodeError::BadRequest(e.to_string())));
+                    return;
+                }
+                let hlc = self.hlc.now(self.clock.now_ms());
+                let data = MetadataRecord::new(hlc, entry).encode();
+                self.propose(GroupId::METADATA, data, hlc, reply);
+            }
+            Command::Propose {
+                vshard,
+                group: expected,
+                command,
+                reply,
+            } => {
+                let Some(cache) = &self.metadata else {
+                    let _ = reply.send(Err(NodeError::NoMetadata));
+                    return;
+                };
+                let routing = &cache.state().routing;
+                if let Some(expected) = expected {
+                    if let Err(redirect) = routing.check(vshard, expected) {
+                        let _ = reply.send(Err(NodeError::WrongGroup(redirect)));
+                        return;
+                    }
+                }
+                let group = routing.lookup(vshard).group;
+                let hlc = self.hlc.now(self.clock.now_ms());
+                let data = codec::encode(&DataRecord {
+                    hlc,
+                    vshard,
+                    command,
+                });
+                self.propose(group, data, hlc, reply);
+            }
+            Command::Read {
+                vshard,
+                query,
+                linearizable,
+                reply,
+            } => {
+                let Some(cache) = &self.metadata else {
+                    let _ = reply.send(Err(NodeError::NoMetadata));
+                    return;
+                };
+                let group = cache.state().routing.lookup(vshard).group;
+                if !linearizable {
+                    let result = match self.machines.get(&group) {
+                        Some(machine) => Ok(machine.query(&query)),
+                        None => Err(self.not_leader(group)),
+                    };
+                    let _ = reply.send(result);
+                    return;
+                }
+                self.start_read(group, Some(query), ReadReply::Data(reply));
+            }
+            Command::ReadMetadata { reply } => {
+                self.start_read(GroupId::METADATA, None, ReadReply::Metadata(reply));
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    /// Starts a linearizable read: only the leader serves it, after a read
+    /// index round confirms it still leads and its state has caught up.
+    fn start_read(&mut self, group: GroupId, query: Option<Vec<u8>>, reply: ReadReply) {
+        let leads = self
+            .engine
+            .status(group)
+            .is_some_and(|s| s.role == StateRole::Leader);
+        if !leads {
+            reply.fail(self.not_leader(group));
+            return;
+        }
+        let (id, context) = self.next_context();
+        match self.engine.read_index(group, context) {
+            Ok(()) => {
+                self.reads.insert(
+                    id,
+                    PendingRead {
+                        group,
+                        query,
+                        reply,
+                        index: None,
+                        deadline: Instant::now() + self.config.request_timeout,
+                    },
+                );
+            }
+            Err(_) => reply.fail(self.not_leader(group)),
+        }
+    }
+
+    fn on_inbound(&mut self, inbound: Inbound) {
+        match inbound {
+            Inbound::Frame { from, frame } => match codec::decode::<Request>(&frame) {
+                Ok(Request::Raft(frames)) => {
+                    for frame in frames {
+                        self.step(from, frame);
+                    }
+                }
+                Ok(other) => {
+                    tracing::debug!(%from, request = ?std::mem::discriminant(&other), "unexpected one-way request dropped");
+                }
+                Err(e) => tracing::warn!(%from, error = %e, "undecodable frame dropped"),
+            },
+            Inbound::Call {
+                from,
+                request,
+                reply,
+            } => self.on_call(from, request, reply),
+        }
+    }
+
+    /// Feeds one peer's Raft message to its group, after checking that the
+    /// message really comes from the peer that sent the frame.
+    fn step(&mut self, from: NodeId, frame: RaftFrame) -> bool {
+        let message = match Message::parse_from_bytes(&frame.message) {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(%from, error = %e, "undecodable raft message dropped");
+                return false;
+            }
+        };
+        if message.from != from.get() || message.to != self.me.get() {
+            tracing::warn!(%from, claimed = message.from, to = message.to, "raft message with forged endpoints dropped");
+            return false;
+        }
+        // Messages for a group this node does not host (yet) are dropped;
+        // Raft resends once routing tells this node to host it.
+        self.engine.step(frame.group, message).is_ok()
+    }
+
+    fn on_call(&mut self, from: NodeId, request: Vec<u8>, reply: oneshot::Sender<Vec<u8>>) {
+        let request = match codec::decode::<Request>(&request) {
+            Ok(request) => request,
+            Err(e) => {
+                let _ = reply.send(codec::encode(&Response::Error(NodeError::BadRequest(
+                    e.to_string(),
+                ))));
+                return;
+            }
+        };
+        match request {
+            Request::RaftSnapshot(frame) => {
+                let response = if self.step(from, frame) {
+                    Response::Ack
+                } else {
+                    Response::Error(NodeError::BadRequest("snapshot not accepted".into()))
+                };
+                let _ = reply.send(codec::encode(&response));
+            }
+            Request::Raft(frames) => {
+                for frame in frames {
+                    self.step(from, frame);
+                }
+                let _ = reply.send(codec::encode(&Response::Ack));
+            }
+            Request::ProposeMetadata(entry) => {
+                let (tx, rx) = oneshot::channel();
+                self.on_command(Command::ProposeMetadata { entry, reply: tx });
+                answer_later(rx, reply, Response::Committed);
+            }
+            Request::Propose {
+                vshard,
+                group,
+                command,
+            } => {
+                let (tx, rx) = oneshot::channel();
+                self.on_command(Command::Propose {
+                    vshard,
+                    group,
+                    command,
+                    reply: tx,
+                });
+                answer_later(rx, reply, Response::Committed);
+            }
+            Request::Read { vshard, query } => {
+                let (tx, rx) = oneshot::channel();
+                self.on_command(Command::Read {
+                    vshard,
+                    query,
+                    linearizable: true,
+                    reply: tx,
+                });
+                answer_later(rx, reply, Response::Read);
+            }
+            Request::Status => {
+                let _ = reply.send(codec::encode(&Response::Status(self.status())));
+            }
+        }
+    }
+
+    /// Runs engine rounds until the engine is idle.
+    fn drive(&mut self) -> Result<(), EngineError> {
+        self.offer_snapshots();
+        while self.engine.has_work() {
+            let round = self.engine.round()?;
+            for (to, messages) in round.messages {
+                self.send(to, messages);
+            }
+            for apply in round.applies {
+                self.apply(apply);
+            }
+            for (group, state) in round.read_states {
+                self.on_read_state(group, state);
+            }
+            self.serve_reads();
+            if round
+                .role_changes
+                .iter()
+                .any(|(_, _, role)| *role != StateRole::Leader)
+            {
+                self.fail_reads_of_followers();
+            }
+            self.offer_snapshots();
+        }
+        Ok(())
+    }
+
+    /// Hands the engine fresh state-machine snapshots where it wants them.
+    fn offer_snapshots(&mut self) {
+        let groups: Vec<GroupId> = self.engine.groups().collect();
+        for group in groups {
+            if !self.engine.wants_compaction(group) || self.failed.contains_key(&group) {
+                continue;
+            }
+            let data = if group.is_metadata() {
+                self.metadata.as_ref().map(MetadataCache::snapshot)
+            } else {
+                self.machines.get(&group).map(|m| m.snapshot())
+            };
+            if let (Some(data), Some(status)) = (data, self.engine.status(group)) {
+                let _ = self.engine.compact(group, status.applied, data);
+            }
+        }
+    }
+
+    fn send(&mut self, to: NodeId, messages: Vec<GroupMessage>) {
+        let mut frames = Vec::with_capacity(messages.len());
+        for GroupMessage { group, message } in messages {
+            let bytes = match message.write_to_bytes() {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::error!(error = %e, "raft message does not encode");
+                    continue;
+                }
+            };
+            let frame = RaftFrame {
+                group,
+                message: bytes,
+            };
+            if message.get_msg_type() == MessageType::MsgSnapshot {
+                self.send_snapshot(to, frame);
+            } else {
+                frames.push(frame);
+            }
+        }
+        if !frames.is_empty() {
+            self.transport
+                .send(to, codec::encode(&Request::Raft(frames)));
+        }
+    }
+
+    /// Snapshots go as calls, so that raft-rs learns whether they arrived
+    /// (otherwise the leader would wait for a lost snapshot forever).
+    fn send_snapshot(&self, to: NodeId, frame: RaftFrame) {
+        let transport = Arc::clone(&self.transport);
+        let reports = self.snapshot_reports.0.clone();
+        let timeout = self.config.request_timeout;
+        let group = frame.group;
+        tokio::spawn(async move {
+            let request = codec::encode(&Request::RaftSnapshot(frame));
+            let status = match transport.call(to, request, timeout).await {
+                Ok(bytes) if matches!(codec::decode::<Response>(&bytes), Ok(Response::Ack)) => {
+                    SnapshotStatus::Finish
+                }
+                _ => SnapshotStatus::Failure,
+            };
+            let _ = reports.send((group, to, status));
+        });
+    }
+
+    fn apply(&mut self, apply: GroupApply) {
+        let group = apply.group;
+        if self.failed.contains_key(&group) {
+            return;
+        }
+        if let Some(snapshot) = &apply.snapshot {
+            if let Err(e) = self.restore(group, snapshot) {
+                self.fail_stop(group, e.to_string());
+                return;
+            }
+        }
+        let mut last = None;
+        for entry in &apply.entries {
+            if let Err(cause) = self.apply_entry(group, entry) {
+                self.fail_stop(group, cause);
+                break;
+            }
+            last = Some(entry.get_index());
+        }
+        if let Some(index) = last {
+            let _ = self.engine.advance_apply(group, index);
+        }
+        if group.is_metadata() {
+            self.reconcile();
+        }
+    }
+
+    fn fail_stop(&mut self, group: GroupId, cause: String) {
+        tracing::error!(node = %self.me, %group, %cause, "group fail-stopped");
+        self.failed.insert(group, cause);
+    }
+
+    /// Applies one committed entry of `group`; an error fail-stops the group.
+    fn apply_entry(&mut self, group: GroupId, entry: &Entry) -> Result<(), String> {
+        let index = entry.get_index();
+        let change = conf_change_of(entry)
+            .map_err(|e| format!("membership change at index {index} does not decode: {e}"))?;
+        let payload: &[u8] = if let Some(change) = &change {
+            self.engine
+                .apply_conf_change(group, change)
+                .map_err(|e| format!("membership change at index {index}: {e}"))?;
+            &[]
+        } else {
+            entry.get_data()
+        };
+        let result = if group.is_metadata() {
+            let cache = self.metadata.as_mut().ok_or_else(|| {
+                "metadata entries arrived before the metadata snapshot".to_string()
+            })?;
+            let rejected_before = cache.state().rejected_total;
+            cache
+                .apply(&[(index, payload)], &mut *self.hooks)
+                .map_err(|stop| stop.to_string())?;
+            let state = cache.state();
+            let rejection: Option<RejectReason> = (state.rejected_total > rejected_before)
+                .then(|| state.recent_rejections.back().map(|r| r.reason.clone()))
+                .flatten();
+            Outcome::Metadata(rejection)
+        } else if payload.is_empty() {
+            Outcome::Data(Vec::new())
+        } else {
+            let record = codec::decode::<DataRecord>(payload)
+                .map_err(|e| format!("entry at index {index} does not decode: {e}"))?;
+            let machine = self
+                .machines
+                .get_mut(&group)
+                .ok_or_else(|| format!("no state machine for group {group}"))?;
+            Outcome::Data(machine.apply(index, &record.command))
+        };
+        if let Some(id) = self.own_id(entry.get_context()) {
+            if let Some(pending) = self.proposals.remove(&id) {
+                debug_assert_eq!(pending.group, group);
+                let _ = pending.reply.send(Ok(Committed {
+                    index,
+                    hlc: pending.hlc,
+                    outcome: result,
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_read_state(&mut self, group: GroupId, state: raft::ReadState) {
+        if let Some(id) = self.own_id(&state.request_ctx) {
+            if let Some(read) = self.reads.get_mut(&id) {
+                if read.group == group {
+                    read.index = Some(state.index);
+                }
+            }
+        }
+    }
+
+    /// Answers every read whose index has been applied.
+    fn serve_reads(&mut self) {
+        let ready: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| {
+                r.index.is_some_and(|index| {
+                    self.engine
+                        .status(r.group)
+                        .is_some_and(|s| s.applied >= index)
+                })
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ready {
+            let Some(read) = self.reads.remove(&id) else {
+                continue;
+            };
+            match (read.reply, read.query) {
+                (ReadReply::Data(tx), Some(query)) => {
+                    let result = self
+                        .machines
+                        .get(&read.group)
+                        .map(|m| m.query(&query))
+                        .ok_or(NodeError::NotLeader {
+                            group: read.group,
+                            leader: None,
+                        });
+                    let _ = tx.send(result);
+                }
+                (ReadReply::Metadata(tx), _) => {
+                    let result = self
+                        .metadata
+                        .as_ref()
+                        .map(|c| Box::new(c.state().clone()))
+                        .ok_or(NodeError::NoMetadata);
+                    let _ = tx.send(result);
+                }
+                (ReadReply::Data(tx), None) => {
+                    let _ = tx.send(Err(NodeError::BadRequest("read without a query".into())));
+                }
+            }
+        }
+    }
+
+    /// Answers proposals and reads past their deadline with a timeout: their
+    /// outcome is unknown (a proposal may still commit later).
+    fn expire_waiters(&mut self) {
+        let now = Instant::now();
+        let expired: Vec<u64> = self
+            .proposals
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            if let Some(p) = self.proposals.remove(&id) {
+                let _ = p.reply.send(Err(NodeError::Timeout));
+            }
+        }
+        let expired: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in expired {
+            if let Some(r) = self.reads.remove(&id) {
+                r.reply.fail(NodeError::Timeout);
+            }
+        }
+    }
+
+    /// A node that lost leadership cannot complete its pending reads.
+    fn fail_reads_of_followers(&mut self) {
+        let lost: Vec<u64> = self
+            .reads
+            .iter()
+            .filter(|(_, r)| {
+                self.engine
+                    .status(r.group)
+                    .is_none_or(|s| s.role != StateRole::Leader)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in lost {
+            if let Some(read) = self.reads.remove(&id) {
+                let error = self.not_leader(read.group);
+                read.reply.fail(error);
+            }
+        }
+    }
+
+    /// Makes this node host what routing says it hosts, and, where it leads,
+    /// moves each group's Raft membership one step towards what group 0 wants.
+    fn reconcile(&mut self) {
+        let Some(cache) = &self.metadata else {
+            return;
+        };
+        let state = cache.state();
+        let mut to_host = Vec::new();
+        let mut hints = Vec::new();
+        let mut wanted = vec![(
+            GroupId::METADATA,
+            self.engine
+                .conf_state(GroupId::METADATA)
+                .map(|cs| Wanted::from_topology(&state.topology, &cs)),
+        )];
+        for (group, route) in state.routing.groups() {
+            let member = route.voters.contains(&self.me) || route.learners.contains(&self.me);
+            if member && !self.engine.hosts(group) {
+                to_host.push(group);
+            }
+            wanted.push((group, Some(Wanted::from_route(route))));
+            if let Some(hint) = route.leader {
+                hints.push((group, hint));
+            }
+        }
+        let metadata_leader = self
+            .engine
+            .status(GroupId::METADATA)
+            .is_some_and(|s| s.role == StateRole::Leader);
+        self.topology_inflight
+            .retain_mut(|rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
+        let topology_steps = if metadata_leader && self.topology_inflight.is_empty() {
+            self.topology_steps()
+        } else {
+            Vec::new()
+        };
+        for (group, hint) in hints {
+            self.follow_leader_hint(group, hint);
+        }
+        for group in to_host {
+            if let Err(e) = self.host(group, None) {
+                tracing::error!(node = %self.me, %group, error = %e, "cannot host group");
+            }
+        }
+        for (group, wanted) in wanted {
+            let Some(wanted) = wanted else { continue };
+            let leads = self
+                .engine
+                .status(group)
+                .is_some_and(|s| s.role == StateRole::Leader);
+            if !leads || self.engine.conf_change_pending(group) {
+                continue;
+            }
+            let Some(current) = self.engine.conf_state(group) else {
+                continue;
+            };
+            if !wanted.voters.contains(&self.me) {
+                // This leader is to be demoted or removed: hand leadership
+                // to a wanted voter first (`next_change` never demotes it).
+                let successor =
+                    wanted.voters.iter().copied().find(|&v| {
+                        current.get_voters().contains(&v.get()) && self.caught_up(group, v)
+                    });
+                if let Some(successor) = successor {
+                    let _ = self.engine.transfer_leader(group, successor);
+                }
+            }
+            if let Some(changes) = next_change(&current, &wanted, self.me) {
+                tracing::info!(node = %self.me, %group, ?changes, "membership change");
+                let _ = self
+                    .engine
+                    .propose_conf_change(group, Vec::new(), conf_change(&changes));
+            }
+        }
+        for entry in topology_steps {
+            let (tx, rx) = oneshot::channel();
+            self.on_command(Command::ProposeMetadata { entry, reply: tx });
+            self.topology_inflight.push(rx);
+        }
+    }
+
+    /// On the leader: whether `peer` holds every committed entry of `group`.
+    fn caught_up(&self, group: GroupId, peer: NodeId) -> bool {
+        let commit = self.engine.status(group).map_or(u64::MAX, |s| s.commit);
+        self.engine
+            .matched(group, peer)
+            .is_some_and(|m| m >= commit)
+    }
+
+    /// Where this node leads `group` but routing names another voter as its
+    /// leader (a `LeadershipTransfer` or `ReassignVShard`), hands leadership
+    /// over — once the target has every committed entry, so a dead or
+    /// lagging target is never chosen (raft-rs would stall writes for an
+    /// election timeout waiting for it).
+    fn follow_leader_hint(&mut self, group: GroupId, hint: NodeId) {
+        let Some(status) = self.engine.status(group) else {
+            return;
+        };
+        let is_voter = self
+            .engine
+            .conf_state(group)
+            .is_some_and(|cs| cs.get_voters().contains(&hint.get()));
+        if status.role == StateRole::Leader
+            && hint != self.me
+            && is_voter
+            && self.caught_up(group, hint)
+        {
+            let _ = self.engine.transfer_leader(group, hint);
+        }
+    }
+
+    /// On the group-0 leader: activate joining nodes that caught up, and
+    /// promote learners while group 0 has fewer than five voters.
+    fn topology_steps(&self) -> Vec<MetadataEntry> {
+        use crate::core::topology::{Membership, NodeState, TopologyChange};
+        let Some(cache) = &self.metadata else {
+            return Vec::new();
+        };
+        let Some(status) = self.engine.status(GroupId::METADATA) else {
+            return Vec::new();
+        };
+        let topology = &cache.state().topology;
+        let mut voters = topology.voters().count();
+        let mut steps = Vec::new();
+        for (node, info) in topology.nodes() {
+            match info.state {
+                NodeState::Joining => {
+                    let caught_up = self
+                        .engine
+                        .matched(GroupId::METADATA, node)
+                        .is_some_and(|m| m + CATCH_UP_LAG >= status.commit && m > 0);
+                    if caught_up {
+                        steps.push(TopologyChange::Activate { node_id: node });
+                    }
+                }
+                NodeState::Active(Membership::Learner) if voters < MAX_METADATA_VOTERS => {
+                    voters += 1;
+                    steps.push(TopologyChange::PromoteToVoter { node_id: node });
+                }
+                _ => {}
+            }
+        }
+        steps
+            .into_iter()
+            .map(MetadataEntry::TopologyChange)
+            .collect()
+    }
+
+    fn status(&self) -> NodeStatus {
+        let groups = self
+            .engine
+            .groups()
+            .filter_map(|group| {
+                let s = self.engine.status(group)?;
+                let cs = self.engine.conf_state(group)?;
+                let nodes = |ids: &[u64]| {
+                    let mut nodes: Vec<NodeId> =
+                        ids.iter().filter_map(|&i| NodeId::new(i).ok()).collect();
+                    nodes.sort();
+                    nodes
+                };
+                Some(GroupView {
+                    group,
+                    leader: s.leader,
+                    is_leader: s.role == StateRole::Leader,
+                    term: s.term,
+                    commit: s.commit,
+                    applied: s.applied,
+                    voters: nodes(cs.get_voters()),
+                    learners: nodes(cs.get_learners()),
+                    failed: self.failed.get(&group).cloned(),
+                })
+            })
+            .collect();
+        NodeStatus {
+            node: self.me,
+            routing_epoch: self.metadata.as_ref().map(|c| c.state().routing.epoch()),
+            metadata_applied: self.metadata.as_ref().map(MetadataCache::applied_index),
+            groups,
+        }
+    }
+}
+
+/// Answers a peer's call once the local result is ready, without holding
+/// up the event loop.
+fn answer_later<T: Send + 'static>(
+    rx: oneshot::Receiver<Result<T, NodeError>>,
+    reply: oneshot::Sender<Vec<u8>>,
+    wrap: fn(T) -> Response,
+) {
+    tokio::spawn(async move {
+        let response = match rx.await {
+            Ok(Ok(value)) => wrap(value),
+            Ok(Err(e)) => Response::Error(e),
+            Err(_) => Response::Error(NodeError::Dropped),
+        };
+        let _ = reply.send(codec::encode(&response));
+    });
+}
