@@ -41,4 +41,19 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "tests (simulator build)"
 cargo test --workspace --locked
 
+# The simulator: regression seeds, a sweep, and determinism across processes.
+export SIM_PROFILE=dev
+step "simulator regression seeds"
+grep -v '^#' sim/regression-seeds.txt | while read -r seed _; do
+    scripts/sim.sh run --seed "$seed" | tail -n 2
+done
+
+step "simulator sweep (seeds 0..${SIM_SEEDS:=500})"
+scripts/sim.sh sweep --seeds "0..$SIM_SEEDS" --jobs 2
+
+step "simulator determinism (5 seeds, two processes each)"
+for seed in 11 222 3333 44444 555555; do
+    scripts/sim.sh check-determinism --seed "$seed"
+done
+
 step "all checks passed"

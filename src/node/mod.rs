@@ -132,6 +132,7 @@ impl Node {
             let result = if target == self.id {
                 self.local(&local).await
             } else {
+                crate::probe!("node.request_forwarded");
                 match self.remote(target, &request).await {
                     Ok(Response::Error(e)) => Err(e),
                     Ok(response) => unwrap(response)
@@ -247,6 +248,20 @@ impl Node {
         let (tx, rx) = oneshot::channel();
         self.commands
             .send(Command::Status { reply: tx })
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// This node's own replica of `group`: the Raft index its state
+    /// reflects and the state machine's snapshot at that index (group 0:
+    /// the metadata cache). For checkers that compare replicas.
+    pub async fn local_snapshot(
+        &self,
+        group: GroupId,
+    ) -> Result<Option<(u64, Vec<u8>)>, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::LocalSnapshot { group, reply: tx })
             .map_err(|_| NodeError::Stopped)?;
         rx.await.map_err(|_| NodeError::Stopped)
     }

@@ -76,6 +76,16 @@ pub struct GroupView {
     pub learners: Vec<NodeId>,
     /// Set if the group fail-stopped on this node (DESIGN.md §3.3).
     pub failed: Option<String>,
+    /// On the leader: how far each peer is replicated, and raft-rs's
+    /// replication state for it (Probe, Replicate, Snapshot).
+    pub peers: Vec<PeerProgress>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerProgress {
+    pub node: NodeId,
+    pub matched: u64,
+    pub state: String,
 }
 
 /// A node's view of itself and its groups (`keel status`).

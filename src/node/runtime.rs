@@ -20,7 +20,8 @@ use crate::io::clock::WallClock;
 use crate::io::transport::{Inbound, InboundReceiver, Transport};
 use crate::node::membership::{next_change, Wanted};
 use crate::node::rpc::{
-    Committed, DataRecord, GroupView, NodeError, NodeStatus, Outcome, RaftFrame, Request, Response,
+    Committed, DataRecord, GroupView, NodeError, NodeStatus, Outcome, PeerProgress, RaftFrame,
+    Request, Response,
 };
 use crate::node::NodeConfig;
 use crate::raft::engine::{
@@ -71,6 +72,10 @@ pub(crate) enum Command {
     },
     Status {
         reply: oneshot::Sender<NodeStatus>,
+    },
+    LocalSnapshot {
+        group: GroupId,
+        reply: oneshot::Sender<Option<(u64, Vec<u8>)>>,
     },
 }
 
@@ -195,6 +200,7 @@ impl Runtime {
         };
         let persisted = runtime.engine.persisted_groups()?;
         if !persisted.is_empty() {
+            crate::probe!("node.restart_from_disk");
             for group in persisted {
                 runtime.host(group, None)?;
             }
@@ -261,6 +267,7 @@ impl Runtime {
     fn restore(&mut self, group: GroupId, snapshot: &Snapshot) -> Result<(), StartError> {
         let data = snapshot.get_data();
         if group.is_metadata() {
+            crate::probe!("node.metadata_from_snapshot");
             let cache = MetadataCache::restore(data)?;
             self.metadata = Some(cache);
         } else {
@@ -306,6 +313,7 @@ impl Runtime {
                 // raft-rs holding readies it can no longer advance. The only
                 // safe continuation is a restart from what is durable, as
                 // after a crash.
+                crate::probe!("node.storage_failure_stop");
                 tracing::error!(node = %self.me, error = %e, "storage failed; stopping the node");
                 break;
             }
@@ -412,6 +420,7 @@ impl Runtime {
                 let routing = &cache.state().routing;
                 if let Some(expected) = expected {
                     if let Err(redirect) = routing.check(vshard, expected) {
+                        crate::probe!("routing.wrong_group_redirect");
                         let _ = reply.send(Err(NodeError::WrongGroup(redirect)));
                         return;
                     }
@@ -452,12 +461,25 @@ impl Runtime {
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
+            Command::LocalSnapshot { group, reply } => {
+                let _ = reply.send(self.local_snapshot(group));
+            }
         }
     }
 
     /// Starts a linearizable read: only the leader serves it, after a read
     /// index round confirms it still leads and its state has caught up.
     fn start_read(&mut self, group: GroupId, query: Option<Vec<u8>>, reply: ReadReply) {
+        if crate::planted::planted(crate::planted::Bug::StaleReads) {
+            if let (Some(query), Some(machine)) = (&query, self.machines.get(&group)) {
+                let answer = machine.query(query);
+                match reply {
+                    ReadReply::Data(tx) => drop(tx.send(Ok(answer))),
+                    other => other.fail(NodeError::BadRequest("not a data read".into())),
+                }
+                return;
+            }
+        }
         let leads = self
             .engine
             .status(group)
@@ -624,6 +646,7 @@ impl Runtime {
                 self.machines.get(&group).map(|m| m.snapshot())
             };
             if let (Some(data), Some(status)) = (data, self.engine.status(group)) {
+                crate::probe!("raft.snapshot_taken");
                 let _ = self.engine.compact(group, status.applied, data);
             }
         }
@@ -666,9 +689,13 @@ impl Runtime {
             let request = codec::encode(&Request::RaftSnapshot(frame));
             let status = match transport.call(to, request, timeout).await {
                 Ok(bytes) if matches!(codec::decode::<Response>(&bytes), Ok(Response::Ack)) => {
+                    crate::probe!("raft.snapshot_delivered");
                     SnapshotStatus::Finish
                 }
-                _ => SnapshotStatus::Failure,
+                _ => {
+                    crate::probe!("raft.snapshot_failed");
+                    SnapshotStatus::Failure
+                }
             };
             let _ = reports.send((group, to, status));
         });
@@ -679,13 +706,15 @@ impl Runtime {
         if self.failed.contains_key(&group) {
             return;
         }
+        // A restored snapshot counts as applied up to its index.
+        let mut last = None;
         if let Some(snapshot) = &apply.snapshot {
             if let Err(e) = self.restore(group, snapshot) {
                 self.fail_stop(group, e.to_string());
                 return;
             }
+            last = Some(snapshot.get_metadata().index);
         }
-        let mut last = None;
         for entry in &apply.entries {
             if let Err(cause) = self.apply_entry(group, entry) {
                 self.fail_stop(group, cause);
@@ -702,6 +731,7 @@ impl Runtime {
     }
 
     fn fail_stop(&mut self, group: GroupId, cause: String) {
+        crate::probe!("node.group_fail_stopped");
         tracing::error!(node = %self.me, %group, %cause, "group fail-stopped");
         self.failed.insert(group, cause);
     }
@@ -731,6 +761,9 @@ impl Runtime {
             let rejection: Option<RejectReason> = (state.rejected_total > rejected_before)
                 .then(|| state.recent_rejections.back().map(|r| r.reason.clone()))
                 .flatten();
+            if rejection.is_some() {
+                crate::probe!("metadata.entry_rejected");
+            }
             Outcome::Metadata(rejection)
         } else if payload.is_empty() {
             Outcome::Data(Vec::new())
@@ -823,6 +856,7 @@ impl Runtime {
             .collect();
         for id in expired {
             if let Some(p) = self.proposals.remove(&id) {
+                crate::probe!("node.proposal_timed_out");
                 let _ = p.reply.send(Err(NodeError::Timeout));
             }
         }
@@ -853,6 +887,7 @@ impl Runtime {
             .collect();
         for id in lost {
             if let Some(read) = self.reads.remove(&id) {
+                crate::probe!("node.read_lost_leadership");
                 let error = self.not_leader(read.group);
                 read.reply.fail(error);
             }
@@ -923,10 +958,16 @@ impl Runtime {
                         current.get_voters().contains(&v.get()) && self.caught_up(group, v)
                     });
                 if let Some(successor) = successor {
+                    crate::probe!("membership.leader_steps_aside");
                     let _ = self.engine.transfer_leader(group, successor);
                 }
             }
             if let Some(changes) = next_change(&current, &wanted, self.me) {
+                match changes.len() {
+                    0 => crate::probe!("membership.leave_joint"),
+                    1 => crate::probe!("membership.simple_change"),
+                    _ => crate::probe!("membership.enter_joint"),
+                }
                 tracing::info!(node = %self.me, %group, ?changes, "membership change");
                 let _ = self
                     .engine
@@ -966,6 +1007,7 @@ impl Runtime {
             && is_voter
             && self.caught_up(group, hint)
         {
+            crate::probe!("membership.transfer_to_routing_leader");
             let _ = self.engine.transfer_leader(group, hint);
         }
     }
@@ -1007,6 +1049,18 @@ impl Runtime {
             .collect()
     }
 
+    /// This replica's state of `group` and the index it reflects.
+    fn local_snapshot(&self, group: GroupId) -> Option<(u64, Vec<u8>)> {
+        if group.is_metadata() {
+            let cache = self.metadata.as_ref()?;
+            Some((cache.applied_index(), cache.snapshot()))
+        } else {
+            let machine = self.machines.get(&group)?;
+            let applied = self.engine.status(group)?.applied;
+            Some((applied, machine.snapshot()))
+        }
+    }
+
     fn status(&self) -> NodeStatus {
         let groups = self
             .engine
@@ -1030,6 +1084,20 @@ impl Runtime {
                     voters: nodes(cs.get_voters()),
                     learners: nodes(cs.get_learners()),
                     failed: self.failed.get(&group).cloned(),
+                    peers: {
+                        let mut peers: Vec<PeerProgress> = self
+                            .engine
+                            .progress(group)
+                            .into_iter()
+                            .map(|(node, matched, state)| PeerProgress {
+                                node,
+                                matched,
+                                state,
+                            })
+                            .collect();
+                        peers.sort_by_key(|p| p.node);
+                        peers
+                    },
                 })
             })
             .collect();

@@ -55,10 +55,11 @@ impl TestNode {
 
     fn apply(&mut self, apply: GroupApply) {
         let sm = self.machines.entry(apply.group).or_default();
+        let mut last = None;
         if let Some(snapshot) = &apply.snapshot {
             sm.restore(snapshot.get_data()).unwrap();
+            last = Some(snapshot.get_metadata().index);
         }
-        let mut last = None;
         for entry in &apply.entries {
             if let Some(change) = conf_change_of(entry).unwrap() {
                 self.engine.apply_conf_change(apply.group, &change).unwrap();

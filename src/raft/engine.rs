@@ -97,7 +97,10 @@ pub struct GroupMessage {
     pub message: Message,
 }
 
-/// What one group must apply, in order: first the snapshot (if any), then the entries.
+/// What one group must apply, in order: first the snapshot (if any), then
+/// the entries. The caller then reports the last index it applied through
+/// [`Engine::advance_apply`] — the snapshot's index when there are no
+/// entries: raft-rs counts a restored snapshot as applied only when told.
 #[derive(Debug)]
 pub struct GroupApply {
     pub group: GroupId,
@@ -441,6 +444,24 @@ impl Engine {
         g.raw.raft.prs().get(peer.get()).map(|p| p.matched)
     }
 
+    /// On the leader: each peer's matched index and replication state.
+    pub fn progress(&self, group: GroupId) -> Vec<(NodeId, u64, String)> {
+        let Some(g) = self.groups.get(&group) else {
+            return Vec::new();
+        };
+        if g.raw.raft.state != StateRole::Leader {
+            return Vec::new();
+        }
+        g.raw
+            .raft
+            .prs()
+            .iter()
+            .filter_map(|(&id, p)| {
+                Some((NodeId::new(id).ok()?, p.matched, format!("{:?}", p.state)))
+            })
+            .collect()
+    }
+
     /// The membership `group` runs with now (as applied on this node).
     pub fn conf_state(&self, group: GroupId) -> Option<ConfState> {
         self.groups
@@ -503,6 +524,17 @@ impl Engine {
             }
             let ready = g.raw.ready();
             if let Some(ss) = ready.ss() {
+                if ss.raft_state == StateRole::Leader {
+                    // For the simulator's election-safety checker: at most
+                    // one leader per group and term, ever.
+                    tracing::debug!(
+                        target: "keel_event",
+                        group = group.0,
+                        term = g.raw.raft.term,
+                        leader = self.node.get(),
+                        "elected"
+                    );
+                }
                 round
                     .role_changes
                     .push((group, leader_of(ss.leader_id), ss.raft_state));
@@ -545,6 +577,7 @@ impl Engine {
                 // The commit index moved past what this round persisted:
                 // these entries wait until the next write makes it durable.
                 Some(commit) => {
+                    crate::probe!("raft.commit_deferred_to_next_round");
                     g.deferred_commit = Some(commit);
                     g.deferred.extend(newly_committed);
                 }

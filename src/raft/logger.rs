@@ -27,6 +27,20 @@ impl slog::Drain for TracingDrain {
         record: &slog::Record<'_>,
         values: &slog::OwnedKVList,
     ) -> Result<(), slog::Never> {
+        // raft-rs logs often; build the message only when someone listens.
+        let enabled = match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::enabled!(target: "raft", tracing::Level::ERROR)
+            }
+            slog::Level::Warning => tracing::enabled!(target: "raft", tracing::Level::WARN),
+            slog::Level::Info | slog::Level::Debug => {
+                tracing::enabled!(target: "raft", tracing::Level::DEBUG)
+            }
+            slog::Level::Trace => tracing::enabled!(target: "raft", tracing::Level::TRACE),
+        };
+        if !enabled {
+            return Ok(());
+        }
         let mut pairs = Pairs(String::new());
         let _ = slog::KV::serialize(&record.kv(), record, &mut pairs);
         let _ = slog::KV::serialize(values, record, &mut pairs);

@@ -331,6 +331,9 @@ fn load_mirror(
         state,
         ..Mirror::default()
     };
+    if crate::planted::planted(crate::planted::Bug::ForgetVote) {
+        mirror.state.vote = 0;
+    }
     if let Some(log) = &log {
         for item in log
             .range((group.0, 0)..=(group.0, u64::MAX))
@@ -451,8 +454,13 @@ impl RaftStore {
             guards.push(guard);
         }
         let mut txn = self.db.begin_write().map_err(redb_error)?;
+        let durability = if crate::planted::planted(crate::planted::Bug::SkipFsync) {
+            Durability::None
+        } else {
+            Durability::Immediate
+        };
         let filled = txn
-            .set_durability(Durability::Immediate)
+            .set_durability(durability)
             .map_err(redb_error)
             .and_then(|()| fill(&txn, &staged));
         if let Err(e) = filled {
@@ -606,6 +614,11 @@ impl Staged {
         // The snapshot is the state machine through `index`: a restart
         // rebuilds from it, so nothing at or below it needs applying again.
         state.applied = state.applied.max(index);
+        // And raft-rs restarts with the membership as of that point; the
+        // changes after it are in the log and are applied again in order.
+        // (Keeping the older membership here let a restarted node elect
+        // itself with a stale configuration: simulator seed 2.)
+        state.set_conf_state(conf_state);
         self.snapshot_row = Some(row);
         Ok(())
     }
@@ -976,6 +989,36 @@ mod tests {
     use std::path::Path;
 
     const G1: GroupId = GroupId(1);
+
+    /// Compaction records the membership at the snapshot point, which is
+    /// what a restart must begin from (simulator seed 2 found a restarted
+    /// node electing itself under the older, single-voter configuration).
+    #[test]
+    fn compaction_persists_the_membership_at_the_snapshot() {
+        let db = memory_db();
+        let store = RaftStore::new(Arc::clone(&db));
+        let storage = store.open_group(G1, &[1]).expect("open");
+        let mut batch = WriteBatch::default();
+        batch.append(&storage, &[entry(1, 1), entry(2, 1), entry(3, 1)]);
+        let hs = HardState {
+            term: 1,
+            commit: 3,
+            ..Default::default()
+        };
+        batch.set_hard_state(&storage, &hs);
+        store.write(batch).expect("write");
+        let grown = ConfState {
+            voters: vec![1, 2, 4],
+            ..Default::default()
+        };
+        let mut batch = WriteBatch::default();
+        batch.compact(&storage, 3, 1, &grown, b"state".to_vec());
+        store.write(batch).expect("compact");
+        drop(storage);
+        let reopened = RaftStore::new(db).open_group(G1, &[]).expect("reopen");
+        let state = reopened.initial_state().expect("initial state");
+        assert_eq!(state.conf_state.voters, vec![1, 2, 4]);
+    }
     const G2: GroupId = GroupId(2);
     const G3: GroupId = GroupId(3);
 

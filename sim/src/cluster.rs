@@ -1,0 +1,920 @@
+//! A keel cluster on madsim: every keel node is a simulated machine with its
+//! own IP, simulated disk and skewed clock, running the unchanged node
+//! runtime. The supervisor (the run's main task) forms the cluster, runs the
+//! chaos phase — workload clients on their own machines while faults are
+//! injected — then heals everything and checks liveness and safety.
+
+use crate::clock::SkewedClock;
+use crate::disk::{DiskFaults, SimDisk};
+use crate::history::{History, Op, Outcome as HistoryOutcome};
+use crate::net::{self, NetControl, NetFaults};
+use crate::swarm::Swarm;
+use keel::core::cache::Bootstrap;
+use keel::core::codec;
+use keel::core::entry::MetadataEntry;
+use keel::core::hlc::Hlc;
+use keel::core::ids::{DescriptorId, GroupId, NodeId, VShardId};
+use keel::core::kv::{KvCommand, KvQuery, KvResponse, KvStateMachine};
+use keel::core::lease::DescriptorLease;
+use keel::core::routing::RoutingChange;
+use keel::core::topology::TopologyChange;
+use keel::io::{seeded_rng, NodeIo};
+use keel::node::rpc::{NodeError, Outcome};
+use keel::node::{start, MachineFactory, Node, NodeConfig};
+use madsim::runtime::{Handle, NodeHandle};
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::{sleep, Instant};
+
+/// How long the healed cluster has to serve every group again.
+pub const LIVENESS_BOUND: Duration = Duration::from_secs(60);
+
+/// A run's verdict: `Err` says what broke, where and when.
+pub type Verdict = Result<Report, String>;
+
+/// What a passing run observed.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub history: History,
+    pub trace: Vec<String>,
+    pub simulated_ms: u64,
+    /// Final replica states, in node and group order, for the trace hash.
+    pub final_states: Vec<u8>,
+}
+
+fn n(id: u64) -> NodeId {
+    NodeId::new(id).expect("node ids start at 1")
+}
+
+/// The latest handle of each running keel node.
+type Registry = Arc<Mutex<BTreeMap<NodeId, Node>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct SimNode {
+    machine: NodeHandle,
+    disk: SimDisk,
+    up: bool,
+    paused: bool,
+    /// When the node was last (re)started.
+    started: Instant,
+}
+
+/// How long a process supervisor (systemd, say) waits before restarting a
+/// node that stopped itself.
+const SUPERVISOR_RESTART: Duration = Duration::from_secs(1);
+
+pub struct SimCluster {
+    swarm: Swarm,
+    handle: Handle,
+    start: Instant,
+    rng: ChaCha8Rng,
+    nodes: BTreeMap<NodeId, SimNode>,
+    registry: Registry,
+    net: NetControl,
+    net_faults: Arc<Mutex<NetFaults>>,
+    trace: Arc<Mutex<Vec<String>>>,
+}
+
+impl SimCluster {
+    fn log(&self, event: String) {
+        let at = self.start.elapsed().as_millis();
+        lock(&self.trace).push(format!("{at:>7} ms  {event}"));
+    }
+
+    fn chaos_net_faults(swarm: &Swarm) -> NetFaults {
+        NetFaults {
+            loss: swarm.loss,
+            duplicate: swarm.duplicate,
+            reorder_ms: swarm.reorder_ms,
+            spike: swarm.spike,
+            spike_ms: swarm.spike_ms,
+        }
+    }
+
+    /// Creates the machines and starts node 1, which bootstraps the cluster.
+    pub fn new(swarm: Swarm) -> Self {
+        let handle = Handle::current();
+        let start = Instant::now();
+        let registry: Registry = Arc::default();
+        let net_faults = Arc::new(Mutex::new(NetFaults::default()));
+        let trace = Arc::new(Mutex::new(Vec::new()));
+        let mut rng = ChaCha8Rng::seed_from_u64(swarm.seed);
+        let net = NetControl::default();
+        let mut nodes = BTreeMap::new();
+        for id in (1..=swarm.nodes).map(n) {
+            let disk = SimDisk::new(
+                rng.next_u64(),
+                DiskFaults {
+                    keep_unsynced: swarm.keep_unsynced,
+                    io_error_rate: 0.0,
+                },
+            );
+            let offset = signed(&mut rng, swarm.clock_offset_ms);
+            let drift = signed(&mut rng, swarm.clock_drift_ppm);
+            let node_seed = rng.next_u64();
+            let machine = handle
+                .create_node()
+                .name(format!("{id}"))
+                .ip(net::node_ip(id))
+                .init(node_main(
+                    id,
+                    swarm.clone(),
+                    disk.clone(),
+                    registry.clone(),
+                    Arc::clone(&net_faults),
+                    (start, offset, drift),
+                    node_seed,
+                ))
+                .build();
+            net.register(id, machine.id());
+            nodes.insert(
+                id,
+                SimNode {
+                    machine,
+                    disk,
+                    up: true,
+                    paused: false,
+                    started: start,
+                },
+            );
+        }
+        SimCluster {
+            swarm,
+            handle,
+            start,
+            rng,
+            nodes,
+            registry,
+            net,
+            net_faults,
+            trace,
+        }
+    }
+
+    fn node(&self, id: NodeId) -> Option<Node> {
+        lock(&self.registry).get(&id).cloned()
+    }
+
+    fn up_nodes(&self) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, s)| s.up && !s.paused)
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Waits for `check`, polling every 50 ms of simulated time.
+    async fn until<T>(
+        &self,
+        bound: Duration,
+        what: &str,
+        mut check: impl AsyncCheck<T>,
+    ) -> Result<T, String> {
+        let deadline = Instant::now() + bound;
+        loop {
+            if let Some(value) = check.check(self).await {
+                return Ok(value);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "seed {}: not reached within {} s of simulated time: {what}",
+                    self.swarm.seed,
+                    bound.as_secs()
+                ));
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Joins every node through group 0 and replicates the data groups to
+    /// the swarm's replication factor — fault-free.
+    pub async fn form(&mut self) -> Result<(), String> {
+        self.until(Duration::from_secs(30), "node 1 serves", Ready(n(1)))
+            .await?;
+        let admin = self.node(n(1)).ok_or("node 1 did not start")?;
+        for id in (2..=self.swarm.nodes).map(n) {
+            let entry = MetadataEntry::TopologyChange(TopologyChange::Join {
+                node_id: id,
+                addr: net::node_addr(id).to_string(),
+            });
+            admin
+                .propose_metadata(entry)
+                .await
+                .map_err(|e| format!("join of {id} failed: {e}"))?;
+        }
+        let voters = self.swarm.nodes.min(keel::node::MAX_METADATA_VOTERS as u64) as usize;
+        self.until(
+            Duration::from_secs(60),
+            "group 0 has its voters",
+            MetadataVoters(voters),
+        )
+        .await?;
+        self.until(Duration::from_secs(60), "every node is active", AllActive)
+            .await?;
+        // Spread replicas round-robin, as the rebalancer will.
+        let extra = self.swarm.replication_factor.saturating_sub(1) as u64;
+        for g in 1..=self.swarm.data_groups {
+            for k in 0..extra {
+                let node = n(2 + (g + k) % (self.swarm.nodes - 1));
+                for change in [
+                    RoutingChange::AddLearner {
+                        group_id: GroupId(g),
+                        node_id: node,
+                    },
+                    RoutingChange::PromoteLearner {
+                        group_id: GroupId(g),
+                        node_id: node,
+                    },
+                ] {
+                    let committed = admin
+                        .propose_metadata(MetadataEntry::RoutingChange(change.clone()))
+                        .await
+                        .map_err(|e| format!("replicating {}: {e}", GroupId(g)))?;
+                    if let Outcome::Metadata(Some(reason)) = committed.outcome {
+                        return Err(format!("{change:?} was rejected: {reason}"));
+                    }
+                }
+            }
+        }
+        self.until(
+            Duration::from_secs(60),
+            "data groups reach their replication factor",
+            GroupsReplicated,
+        )
+        .await?;
+        self.log(format!("formed: {} nodes", self.swarm.nodes));
+        Ok(())
+    }
+
+    /// The chaos phase: clients run their operations while faults strike.
+    pub async fn chaos(&mut self, history: Arc<Mutex<History>>) {
+        *lock(&self.net_faults) = Self::chaos_net_faults(&self.swarm);
+        for state in self.nodes.values() {
+            state.disk.set_faults(DiskFaults {
+                keep_unsynced: self.swarm.keep_unsynced,
+                io_error_rate: self.swarm.io_error_rate,
+            });
+        }
+        let done = Arc::new(AtomicU64::new(0));
+        for client in 0..self.swarm.clients {
+            let machine = self
+                .handle
+                .create_node()
+                .name(format!("client{client}"))
+                .ip(IpAddr::V4(Ipv4Addr::new(10, 9, 0, client as u8 + 1)))
+                .build();
+            let task = client_loop(
+                client,
+                self.swarm.clone(),
+                self.registry.clone(),
+                Arc::clone(&history),
+                self.start,
+                self.rng.next_u64(),
+                Arc::clone(&done),
+            );
+            machine.spawn(task);
+        }
+        if self.swarm.metadata_ops > 0 {
+            let machine = self.handle.create_node().name("admin").build();
+            machine.spawn(metadata_loop(
+                self.swarm.clone(),
+                self.registry.clone(),
+                self.start,
+                self.rng.next_u64(),
+            ));
+        }
+        let chaos_end = Instant::now() + Duration::from_millis(self.swarm.chaos_ms);
+        loop {
+            let clients_done = done.load(Ordering::SeqCst) == self.swarm.clients;
+            if clients_done && Instant::now() >= chaos_end {
+                break;
+            }
+            if self.swarm.fault_interval_ms == 0 {
+                sleep(Duration::from_millis(100)).await;
+                self.restart_stopped();
+                continue;
+            }
+            let pause = 1 + self.rng.next_u64() % (2 * self.swarm.fault_interval_ms);
+            sleep(Duration::from_millis(pause)).await;
+            self.restart_stopped();
+            self.inject_fault();
+        }
+    }
+
+    /// Restarts nodes that stopped themselves (a storage failure), as a
+    /// process supervisor would.
+    fn restart_stopped(&mut self) {
+        let stopped: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .filter(|(id, s)| {
+                s.up && s.started.elapsed() > SUPERVISOR_RESTART
+                    && lock(&self.registry).get(id).is_none()
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stopped {
+            self.nodes[&id].disk.kill_process();
+            self.log(format!("{id} stopped itself"));
+            self.restart(id);
+        }
+    }
+
+    fn inject_fault(&mut self) {
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        let pick = |rng: &mut ChaCha8Rng| ids[(rng.next_u64() % ids.len() as u64) as usize];
+        match self.rng.next_u64() % 6 {
+            0 | 1 if self.swarm.kills => {
+                let id = pick(&mut self.rng);
+                if self.nodes[&id].up {
+                    self.kill(id);
+                } else {
+                    self.restart(id);
+                }
+            }
+            2 | 3 if self.swarm.partitions => {
+                let (a, b) = (pick(&mut self.rng), pick(&mut self.rng));
+                if a == b {
+                    self.net.isolate(a);
+                    self.log(format!("isolate {a}"));
+                } else if self.rng.next_u64() % 2 == 0 {
+                    self.net.partition(a, b);
+                    self.log(format!("partition {a} <-> {b}"));
+                } else {
+                    self.net.cut_one_way(a, b);
+                    self.log(format!("cut {a} -> {b}"));
+                }
+            }
+            4 if self.swarm.pauses => {
+                let id = pick(&mut self.rng);
+                let state = self.nodes.get_mut(&id).expect("known node");
+                if state.up {
+                    if state.paused {
+                        self.handle.resume(state.machine.id());
+                    } else {
+                        self.handle.pause(state.machine.id());
+                    }
+                    state.paused = !state.paused;
+                    let what = if state.paused { "pause" } else { "resume" };
+                    self.log(format!("{what} {id}"));
+                }
+            }
+            _ => {
+                self.net.heal_all();
+                self.log("heal network".into());
+            }
+        }
+    }
+
+    fn kill(&mut self, id: NodeId) {
+        let state = self.nodes.get_mut(&id).expect("known node");
+        self.handle.kill(state.machine.id());
+        // Power loss: what was written but not synced is lost or torn.
+        state.disk.crash();
+        state.up = false;
+        state.paused = false;
+        lock(&self.registry).remove(&id);
+        self.log(format!("kill {id}"));
+    }
+
+    fn restart(&mut self, id: NodeId) {
+        let state = self.nodes.get_mut(&id).expect("known node");
+        // madsim's restart keeps the node's sockets; a kill first resets
+        // them, as a real process restart does.
+        self.handle.kill(state.machine.id());
+        self.handle.restart(state.machine.id());
+        state.up = true;
+        state.started = Instant::now();
+        self.log(format!("restart {id}"));
+    }
+
+    /// Heals every fault and restarts every node.
+    pub fn heal(&mut self) {
+        *lock(&self.net_faults) = NetFaults::default();
+        self.net.heal_all();
+        let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
+        for id in ids {
+            let state = self.nodes.get_mut(&id).expect("known node");
+            state.disk.set_faults(DiskFaults {
+                keep_unsynced: self.swarm.keep_unsynced,
+                io_error_rate: 0.0,
+            });
+            if state.paused {
+                self.handle.resume(state.machine.id());
+                state.paused = false;
+            }
+            if state.up && lock(&self.registry).get(&id).is_none() {
+                // The node stopped itself (a storage failure): its process
+                // died, the machine did not.
+                state.disk.kill_process();
+            }
+            if !state.up || lock(&self.registry).get(&id).is_none() {
+                self.restart(id);
+            }
+        }
+        self.log("heal all".into());
+    }
+
+    /// The liveness phase: every group serves writes again, within the bound.
+    pub async fn liveness(&mut self) -> Result<(), String> {
+        self.until(LIVENESS_BOUND, "every node runs", AllRunning)
+            .await?;
+        let groups = self.swarm.data_groups;
+        for g in 1..=groups {
+            let vshard = VShardId::all()
+                .find(|v| v.get() as u64 % groups + 1 == g)
+                .expect("every group has vShards");
+            let key = liveness_key(vshard);
+            self.until(
+                LIVENESS_BOUND,
+                &format!("group {g} accepts a write"),
+                Writable(key.clone()),
+            )
+            .await?;
+        }
+        self.log("liveness: every group writable".into());
+        Ok(())
+    }
+
+    /// Final reads of every workload key, recorded into the history so that
+    /// the linearizability check also proves durability.
+    pub async fn final_reads(&self, history: &Arc<Mutex<History>>) -> Result<(), String> {
+        for k in 0..self.swarm.keys {
+            let key = workload_key(k);
+            // Process ids from FINAL_READER up never collide with clients'.
+            let id = lock(history)
+                .invoke(FINAL_READER + k, &key, Op::Get, self.elapsed_us())
+                .map_err(|e| format!("history: {e}"))?;
+            let value = self
+                .until(
+                    LIVENESS_BOUND,
+                    &format!("final read of {key}"),
+                    Readable(key.clone()),
+                )
+                .await?;
+            lock(history)
+                .complete(id, HistoryOutcome::Ok(value), self.elapsed_us())
+                .map_err(|e| format!("history: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Replicas of every group converge byte for byte at equal applied indexes.
+    pub async fn converged(&self) -> Result<Vec<u8>, String> {
+        let mut groups = vec![GroupId::METADATA];
+        groups.extend((1..=self.swarm.data_groups).map(GroupId));
+        let mut finals = Vec::new();
+        for group in groups {
+            let waited = self
+                .until(
+                    Duration::from_secs(30),
+                    &format!("replicas of {group} converge"),
+                    Converged(group),
+                )
+                .await;
+            let states = match waited {
+                Ok(states) => states,
+                Err(e) => {
+                    return Err(format!(
+                        "{e}; replicas: {}",
+                        self.replica_summary(group).await
+                    ))
+                }
+            };
+            for (_, bytes) in states {
+                finals.extend_from_slice(&bytes);
+            }
+        }
+        Ok(finals)
+    }
+
+    /// Each node's applied index and state checksum for `group`, for
+    /// failure messages.
+    async fn replica_summary(&self, group: GroupId) -> String {
+        let mut parts = Vec::new();
+        for id in self.up_nodes() {
+            let Some(node) = self.node(id) else { continue };
+            let view = node.group(group).await.ok().flatten();
+            let state = node.local_snapshot(group).await.ok().flatten();
+            parts.push(format!(
+                "{id}: {} {}",
+                state.map_or("no replica".to_string(), |(i, b)| format!(
+                    "applied {i} crc {:08x}",
+                    crc32c::crc32c(&b)
+                )),
+                view.map_or(String::new(), |v| format!(
+                    "(term {} commit {} leader {:?} voters {:?} learners {:?} failed {:?} peers {:?})",
+                    v.term, v.commit, v.leader, v.voters, v.learners, v.failed, v.peers
+                ))
+            ));
+        }
+        parts.join("; ")
+    }
+
+    fn elapsed_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+
+    pub fn trace(&self) -> Vec<String> {
+        lock(&self.trace).clone()
+    }
+
+    pub fn simulated_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+}
+
+fn signed(rng: &mut ChaCha8Rng, bound: u64) -> i64 {
+    if bound == 0 {
+        0
+    } else {
+        (rng.next_u64() % (2 * bound + 1)) as i64 - bound as i64
+    }
+}
+
+/// The body of a keel node's machine; madsim runs it again on every restart.
+fn node_main(
+    id: NodeId,
+    swarm: Swarm,
+    disk: SimDisk,
+    registry: Registry,
+    net_faults: Arc<Mutex<NetFaults>>,
+    clock: (Instant, i64, i64),
+    seed: u64,
+) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send + Sync + 'static {
+    let incarnation = Arc::new(AtomicU64::new(0));
+    move || {
+        let swarm = swarm.clone();
+        let disk = disk.clone();
+        let registry = registry.clone();
+        let net_faults = Arc::clone(&net_faults);
+        let run = incarnation.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let run_seed = seed ^ run.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let (transport, inbound) = match net::bind(id, net_faults, run_seed).await {
+                Ok(bound) => bound,
+                Err(e) => return tracing::error!(%id, error = %e, "cannot bind"),
+            };
+            let db = match redb::Database::builder().create_with_backend(disk.backend()) {
+                Ok(db) => db,
+                Err(e) => return tracing::error!(%id, error = %e, "cannot open the database"),
+            };
+            let io = NodeIo {
+                transport,
+                inbound,
+                clock: Arc::new(SkewedClock::new(clock.0, clock.1, clock.2)),
+                rng: seeded_rng(run_seed),
+                db: Arc::new(db),
+            };
+            let mut config = NodeConfig::new(id);
+            config.tick_interval = Duration::from_millis(swarm.tick_ms);
+            config.request_timeout = Duration::from_secs(2);
+            config.engine.compact_threshold = 200;
+            let bootstrap = (id == n(1)).then(|| Bootstrap {
+                cluster_id: swarm
+                    .seed
+                    .to_be_bytes()
+                    .repeat(2)
+                    .try_into()
+                    .expect("16 bytes"),
+                node_id: id,
+                addr: net::node_addr(id).to_string(),
+                data_groups: swarm.data_groups,
+                replication_factor: 1,
+                ca_cert_der: b"simulated cluster CA".to_vec(),
+            });
+            let factory: MachineFactory = Arc::new(|_| Box::new(KvStateMachine::new()));
+            match start(config, io, bootstrap, factory, Box::new(())) {
+                Ok((node, task)) => {
+                    lock(&registry).insert(id, node);
+                    let _ = task.await;
+                    // The runtime stopped itself; its handle is dead.
+                    lock(&registry).remove(&id);
+                }
+                Err(e) => tracing::error!(%id, error = %e, "node failed to start"),
+            }
+        })
+    }
+}
+
+/// History process ids: each client owns a block of them, and switches to
+/// the next after an operation with an unknown outcome.
+const PROCESSES_PER_CLIENT: u64 = 1_000_000;
+/// The first process id of the final reads (beyond every client's block).
+const FINAL_READER: u64 = 1 << 40;
+
+pub fn workload_key(k: u64) -> String {
+    format!("key{k}")
+}
+
+fn liveness_key(vshard: VShardId) -> String {
+    // Any key of that vShard will do; search a small deterministic space.
+    (0u64..)
+        .map(|i| format!("live{i}"))
+        .find(|k| VShardId::for_key(k.as_bytes()) == vshard)
+        .expect("some key maps to every vShard")
+}
+
+/// One client: `ops_per_client` operations on random keys through random
+/// live nodes, each recorded in the history.
+async fn client_loop(
+    client: u64,
+    swarm: Swarm,
+    registry: Registry,
+    history: Arc<Mutex<History>>,
+    start: Instant,
+    seed: u64,
+    done: Arc<AtomicU64>,
+) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut generation = 0;
+    let now = || start.elapsed().as_micros() as u64;
+    for op_number in 0..swarm.ops_per_client {
+        let key = workload_key(rng.next_u64() % swarm.keys);
+        let roll = rng.next_u64() % 100;
+        let value = format!("c{client}-{op_number}");
+        let op = if roll < swarm.read_percent {
+            Op::Get
+        } else if roll < swarm.read_percent + swarm.cas_percent {
+            let expected = (rng.next_u64() % 2 == 0).then(|| {
+                format!(
+                    "c{}-{}",
+                    rng.next_u64() % swarm.clients,
+                    rng.next_u64() % op_number.max(1)
+                )
+            });
+            Op::Cas {
+                expected,
+                new: value.clone(),
+            }
+        } else {
+            Op::Put {
+                value: value.clone(),
+            }
+        };
+        let node = {
+            let nodes = lock(&registry);
+            let live: Vec<Node> = nodes.values().cloned().collect();
+            if live.is_empty() {
+                None
+            } else {
+                Some(live[(rng.next_u64() % live.len() as u64) as usize].clone())
+            }
+        };
+        let Some(node) = node else {
+            sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let process = client * PROCESSES_PER_CLIENT + generation;
+        let id = lock(&history)
+            .invoke(process, &key, op.clone(), now())
+            .expect("a client invokes one operation at a time, in time order");
+        let outcome = execute(&node, &key, &op).await;
+        // After an unknown outcome the process is "crashed" (its operation
+        // may still take effect at any time); the client carries on as a
+        // new process, as Jepsen histories require.
+        if outcome == HistoryOutcome::Info {
+            generation += 1;
+        }
+        lock(&history)
+            .complete(id, outcome, now())
+            .expect("each operation completes once, in time order");
+        sleep(Duration::from_millis(rng.next_u64() % 50)).await;
+    }
+    done.fetch_add(1, Ordering::SeqCst);
+}
+
+/// Runs one operation. Anything but a definite answer is `Info`: the
+/// operation may or may not have taken effect.
+async fn execute(node: &Node, key: &str, op: &Op) -> HistoryOutcome {
+    let key_bytes = key.as_bytes().to_vec();
+    let vshard = VShardId::for_key(&key_bytes);
+    match op {
+        Op::Get => match node
+            .read(vshard, codec::encode(&KvQuery::Get { key: key_bytes }))
+            .await
+        {
+            Ok(bytes) => match codec::decode::<KvResponse>(&bytes) {
+                Ok(KvResponse::Value(v)) => HistoryOutcome::Ok(v.map(lossy)),
+                _ => HistoryOutcome::Fail,
+            },
+            // A read that did not complete changed nothing.
+            Err(_) => HistoryOutcome::Fail,
+        },
+        Op::Put { value } => {
+            let command = KvCommand::Put {
+                key: key_bytes,
+                value: value.as_bytes().to_vec(),
+            };
+            match node.propose(vshard, codec::encode(&command)).await {
+                Ok(c) => match c.outcome {
+                    Outcome::Data(bytes) => match codec::decode::<KvResponse>(&bytes) {
+                        Ok(KvResponse::Value(_)) => HistoryOutcome::Ok(None),
+                        _ => HistoryOutcome::Fail,
+                    },
+                    Outcome::Metadata(_) => HistoryOutcome::Info,
+                },
+                Err(e) => indefinite(&e),
+            }
+        }
+        Op::Cas { expected, new } => {
+            let command = KvCommand::Cas {
+                key: key_bytes,
+                expected: expected.as_ref().map(|e| e.as_bytes().to_vec()),
+                new: Some(new.as_bytes().to_vec()),
+            };
+            match node.propose(vshard, codec::encode(&command)).await {
+                Ok(c) => match c.outcome {
+                    Outcome::Data(bytes) => match codec::decode::<KvResponse>(&bytes) {
+                        Ok(KvResponse::Ok) => HistoryOutcome::Ok(None),
+                        Ok(KvResponse::CasFailed { .. }) => HistoryOutcome::Fail,
+                        _ => HistoryOutcome::Info,
+                    },
+                    Outcome::Metadata(_) => HistoryOutcome::Info,
+                },
+                Err(e) => indefinite(&e),
+            }
+        }
+    }
+}
+
+/// Errors that prove a write never reached the log are failures; the rest
+/// leave its fate unknown.
+fn indefinite(error: &NodeError) -> HistoryOutcome {
+    match error {
+        NodeError::NoMetadata | NodeError::BadRequest(_) | NodeError::WrongGroup(_) => {
+            HistoryOutcome::Fail
+        }
+        _ => HistoryOutcome::Info,
+    }
+}
+
+fn lossy(bytes: Vec<u8>) -> String {
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Group-0 traffic during chaos: DDL, leases and drains, surrogate allocation.
+async fn metadata_loop(swarm: Swarm, registry: Registry, start: Instant, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for _ in 0..swarm.metadata_ops {
+        let node = lock(&registry).values().next().cloned();
+        let Some(node) = node else {
+            sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let now_ms = crate::clock::EPOCH_MS + start.elapsed().as_millis() as u64;
+        let entry = match rng.next_u64() % 4 {
+            0 => MetadataEntry::CatalogDdl {
+                payload: rng.next_u64().to_be_bytes().to_vec(),
+            },
+            1 => MetadataEntry::DescriptorLeaseGrant(DescriptorLease {
+                descriptor_id: DescriptorId(rng.next_u64() % 4),
+                version: rng.next_u64() % 4,
+                node_id: n(1 + rng.next_u64() % swarm.nodes),
+                expires_at: Hlc::new(now_ms + 10_000, 0),
+            }),
+            2 => MetadataEntry::DescriptorDrainStart {
+                descriptor_id: DescriptorId(rng.next_u64() % 4),
+                up_to_version: rng.next_u64() % 4,
+                expires_at: Hlc::new(now_ms + 1_000, 0),
+            },
+            _ => MetadataEntry::SurrogateAlloc {
+                hwm: (rng.next_u64() % 1_000_000) as u32,
+            },
+        };
+        let _ = node.propose_metadata(entry).await;
+        sleep(Duration::from_millis(50 + rng.next_u64() % 200)).await;
+    }
+}
+
+/// A condition the supervisor waits for.
+trait AsyncCheck<T> {
+    async fn check(&mut self, cluster: &SimCluster) -> Option<T>;
+}
+
+/// The node is running and answers.
+struct Ready(NodeId);
+impl AsyncCheck<()> for Ready {
+    async fn check(&mut self, c: &SimCluster) -> Option<()> {
+        c.node(self.0)?.status().await.ok().map(|_| ())
+    }
+}
+
+/// Every node is registered (started after a restart) and answers.
+struct AllRunning;
+impl AsyncCheck<()> for AllRunning {
+    async fn check(&mut self, c: &SimCluster) -> Option<()> {
+        for id in c.nodes.keys() {
+            c.node(*id)?.status().await.ok()?;
+        }
+        Some(())
+    }
+}
+
+/// Group 0 has `0` voters in every node's view.
+struct MetadataVoters(usize);
+impl AsyncCheck<()> for MetadataVoters {
+    async fn check(&mut self, c: &SimCluster) -> Option<()> {
+        for id in c.up_nodes() {
+            let view = c.node(id)?.group(GroupId::METADATA).await.ok()??;
+            if view.voters.len() != self.0 {
+                return None;
+            }
+        }
+        Some(())
+    }
+}
+
+/// Every node is an active member of the topology (as group 0's leader sees it).
+struct AllActive;
+impl AsyncCheck<()> for AllActive {
+    async fn check(&mut self, c: &SimCluster) -> Option<()> {
+        use keel::core::topology::NodeState;
+        for id in c.up_nodes() {
+            let node = c.node(id)?;
+            if let Ok(state) = node.metadata().await {
+                let active = state
+                    .topology
+                    .nodes()
+                    .filter(|(_, info)| matches!(info.state, NodeState::Active(_)))
+                    .count();
+                return (active as u64 == c.swarm.nodes).then_some(());
+            }
+        }
+        None
+    }
+}
+
+/// Every data group's leader runs with the replication factor's voters.
+struct GroupsReplicated;
+impl AsyncCheck<()> for GroupsReplicated {
+    async fn check(&mut self, c: &SimCluster) -> Option<()> {
+        'groups: for g in 1..=c.swarm.data_groups {
+            for id in c.up_nodes() {
+                if let Some(view) = c.node(id)?.group(GroupId(g)).await.ok()? {
+                    if view.is_leader && view.voters.len() == c.swarm.replication_factor {
+                        continue 'groups;
+                    }
+                }
+            }
+            return None;
+        }
+        Some(())
+    }
+}
+
+/// A write to the key succeeds through some node.
+struct Writable(String);
+impl AsyncCheck<()> for Writable {
+    async fn check(&mut self, c: &SimCluster) -> Option<()> {
+        let node = c.node(*c.up_nodes().first()?)?;
+        let command = KvCommand::Put {
+            key: self.0.as_bytes().to_vec(),
+            value: b"live".to_vec(),
+        };
+        let vshard = command.vshard();
+        node.propose(vshard, codec::encode(&command))
+            .await
+            .ok()
+            .map(|_| ())
+    }
+}
+
+/// A linearizable read of the key succeeds; yields its value.
+struct Readable(String);
+impl AsyncCheck<Option<String>> for Readable {
+    async fn check(&mut self, c: &SimCluster) -> Option<Option<String>> {
+        let node = c.node(*c.up_nodes().first()?)?;
+        match execute(&node, &self.0, &Op::Get).await {
+            HistoryOutcome::Ok(value) => Some(value),
+            _ => None,
+        }
+    }
+}
+
+/// All replicas of the group report the same state at the same index.
+struct Converged(GroupId);
+impl AsyncCheck<Vec<(NodeId, Vec<u8>)>> for Converged {
+    async fn check(&mut self, c: &SimCluster) -> Option<Vec<(NodeId, Vec<u8>)>> {
+        let mut states = Vec::new();
+        for id in c.up_nodes() {
+            if let Some((index, bytes)) = c.node(id)?.local_snapshot(self.0).await.ok()? {
+                states.push((id, index, bytes));
+            }
+        }
+        let (_, index, bytes) = states.first()?;
+        if states.iter().all(|(_, i, b)| i == index && b == bytes) {
+            Some(states.into_iter().map(|(id, _, b)| (id, b)).collect())
+        } else {
+            None
+        }
+    }
+}

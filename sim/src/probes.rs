@@ -1,0 +1,207 @@
+//! Code probes (DESIGN.md §8): keel marks rare paths with `keel::probe!`,
+//! a tracing event under the `keel_probe` target. The simulator counts them
+//! per run; the sweep adds the counts up and names every probe no seed hit,
+//! which is how a sweep shows what it did not exercise.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Metadata, Subscriber};
+use tracing_subscriber::layer::{Context, Layer};
+
+/// Every probe keel defines. A test keeps this list equal to the
+/// `probe!` calls in keel's sources.
+pub const ALL: &[&str] = &[
+    "membership.enter_joint",
+    "membership.leader_steps_aside",
+    "membership.leave_joint",
+    "membership.simple_change",
+    "membership.transfer_to_routing_leader",
+    "metadata.entry_rejected",
+    "node.group_fail_stopped",
+    "node.metadata_from_snapshot",
+    "node.proposal_timed_out",
+    "node.read_lost_leadership",
+    "node.request_forwarded",
+    "node.restart_from_disk",
+    "node.storage_failure_stop",
+    "raft.commit_deferred_to_next_round",
+    "raft.snapshot_delivered",
+    "raft.snapshot_failed",
+    "raft.snapshot_taken",
+    "routing.wrong_group_redirect",
+];
+
+static COUNTS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
+
+/// Counts `keel_probe` events; sees nothing else.
+pub struct ProbeLayer;
+
+struct ProbeName(Option<String>);
+
+impl Visit for ProbeName {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "probe" {
+            self.0 = Some(value.to_string());
+        }
+    }
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "probe" {
+            self.0 = Some(format!("{value:?}").trim_matches('"').to_string());
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for ProbeLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut name = ProbeName(None);
+        event.record(&mut name);
+        if let Some(name) = name.0 {
+            let mut counts = COUNTS.lock().unwrap_or_else(|e| e.into_inner());
+            *counts.entry(name).or_default() += 1;
+        }
+    }
+}
+
+/// Every election seen in this run: (group, term) → the leaders elected.
+static ELECTIONS: Mutex<BTreeMap<(u64, u64), Vec<u64>>> = Mutex::new(BTreeMap::new());
+
+/// Records keel's `keel_event` elections.
+pub struct ElectionLayer;
+
+#[derive(Default)]
+struct Election {
+    group: Option<u64>,
+    term: Option<u64>,
+    leader: Option<u64>,
+}
+
+impl Visit for Election {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match field.name() {
+            "group" => self.group = Some(value),
+            "term" => self.term = Some(value),
+            "leader" => self.leader = Some(value),
+            _ => {}
+        }
+    }
+    fn record_debug(&mut self, _field: &Field, _value: &dyn std::fmt::Debug) {}
+}
+
+impl<S: Subscriber> Layer<S> for ElectionLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut e = Election::default();
+        event.record(&mut e);
+        if let (Some(group), Some(term), Some(leader)) = (e.group, e.term, e.leader) {
+            let mut elections = ELECTIONS.lock().unwrap_or_else(|e| e.into_inner());
+            let leaders = elections.entry((group, term)).or_default();
+            if !leaders.contains(&leader) {
+                leaders.push(leader);
+            }
+        }
+    }
+}
+
+/// Raft's election safety: never two leaders of one group in one term.
+pub fn check_election_safety() -> Result<usize, String> {
+    let elections = ELECTIONS.lock().unwrap_or_else(|e| e.into_inner());
+    for ((group, term), leaders) in elections.iter() {
+        if leaders.len() > 1 {
+            return Err(format!(
+                "election safety: group g{group} elected {} leaders in term {term}: {leaders:?}",
+                leaders.len()
+            ));
+        }
+    }
+    Ok(elections.len())
+}
+
+/// Installs the probe counter as this process's tracing subscriber, plus
+/// a log printer when `RUST_LOG` is set (e.g. `RUST_LOG=raft=debug` while
+/// replaying a seed).
+pub fn install() {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer as _;
+    let printer = std::env::var("RUST_LOG").ok().map(|filter| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(tracing_subscriber::EnvFilter::new(filter))
+    });
+    // Per-layer filters: each layer sees only what it wants, and events no
+    // layer wants cost one disabled callsite.
+    let probes =
+        ProbeLayer.with_filter(tracing_subscriber::filter::filter_fn(|m: &Metadata<'_>| {
+            m.target() == "keel_probe"
+        }));
+    let elections =
+        ElectionLayer.with_filter(tracing_subscriber::filter::filter_fn(|m: &Metadata<'_>| {
+            m.target() == "keel_event"
+        }));
+    let subscriber = tracing_subscriber::registry()
+        .with(probes)
+        .with(elections)
+        .with(printer);
+    let _ = tracing::subscriber::set_global_default(subscriber);
+}
+
+/// The counts so far.
+pub fn counts() -> BTreeMap<String, u64> {
+    COUNTS.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// One line for a run's output: `probes: a=1 b=3`.
+pub fn line(counts: &BTreeMap<String, u64>) -> String {
+    let pairs: Vec<String> = counts.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("probes: {}", pairs.join(" "))
+}
+
+/// Parses [`line`]'s output back.
+pub fn parse(line: &str) -> BTreeMap<String, u64> {
+    line.strip_prefix("probes:")
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The list above and keel's `probe!` calls must not drift apart.
+    #[test]
+    fn all_probes_are_listed() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../src");
+        let mut found = std::collections::BTreeSet::new();
+        let mut stack = vec![root];
+        while let Some(dir) = stack.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    stack.push(path);
+                } else if path.extension().is_some_and(|e| e == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    for piece in text.split("probe!(\"").skip(1) {
+                        if let Some((name, _)) = piece.split_once('"') {
+                            found.insert(name.to_string());
+                        }
+                    }
+                }
+            }
+        }
+        let listed: std::collections::BTreeSet<String> =
+            ALL.iter().map(|s| s.to_string()).collect();
+        assert_eq!(found, listed);
+    }
+
+    #[test]
+    fn lines_round_trip() {
+        let mut counts = BTreeMap::new();
+        counts.insert("a.b".to_string(), 3);
+        counts.insert("c".to_string(), 1);
+        assert_eq!(parse(&line(&counts)), counts);
+    }
+}
