@@ -449,3 +449,54 @@ async fn joint_consensus_replaces_a_voter_and_leadership_follows_routing() {
     c.put_via(n(2), "b", "2").await;
     assert_eq!(c.get_via(n(4), "b").await, Some(b"2".to_vec()));
 }
+
+#[tokio::test]
+async fn a_request_for_a_moved_vshard_gets_a_wrong_group_redirect() {
+    use keel::io::transport::Transport;
+    use keel::node::rpc::{Request, Response};
+    let c = Cluster::form(3).await;
+    c.replicate_to(&[n(2), n(3)]).await;
+    let (vshard, command) = put("moved", "x");
+    let state = c.node(n(1)).metadata().await.unwrap();
+    let old = state.routing.lookup(vshard).group;
+    let new = GroupId(if old.0 == 1 { 2 } else { 1 });
+    let leaseholder = state.routing.group(new).unwrap().voters[0];
+    c.node(n(1))
+        .propose_metadata(MetadataEntry::RoutingChange(
+            RoutingChange::ReassignVShard {
+                vshard_id: vshard,
+                new_group_id: new,
+                new_leaseholder_node_id: leaseholder,
+            },
+        ))
+        .await
+        .unwrap();
+    // A client with a stale view names the old group: every node redirects it.
+    let (client, _inbound) = c.net.endpoint(n(99));
+    for id in 1..=3 {
+        let request = Request::Propose {
+            vshard,
+            group: Some(old),
+            command: command.clone(),
+        };
+        let redirect = eventually("the node has applied the move", || {
+            let client = client.clone();
+            let request = request.clone();
+            async move {
+                let bytes = client
+                    .call(n(id), codec::encode(&request), Duration::from_secs(5))
+                    .await
+                    .ok()?;
+                match codec::decode::<Response>(&bytes).unwrap() {
+                    Response::Error(NodeError::WrongGroup(redirect)) => Some(redirect),
+                    _ => None,
+                }
+            }
+        })
+        .await;
+        assert_eq!((redirect.vshard, redirect.group), (vshard, new));
+    }
+    // Through the API the write lands in the new group.
+    c.put_via(n(2), "moved", "x").await;
+    assert_eq!(c.get_via(n(3), "moved").await, Some(b"x".to_vec()));
+}

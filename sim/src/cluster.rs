@@ -17,6 +17,7 @@ use keel::core::ids::{DescriptorId, GroupId, NodeId, VShardId};
 use keel::core::kv::{KvCommand, KvQuery, KvResponse, KvStateMachine};
 use keel::core::lease::DescriptorLease;
 use keel::core::routing::RoutingChange;
+use keel::core::token::JoinTokenTransitionKind;
 use keel::core::topology::TopologyChange;
 use keel::io::{seeded_rng, NodeIo};
 use keel::node::rpc::{NodeError, Outcome};
@@ -81,6 +82,7 @@ pub struct SimCluster {
     net: NetControl,
     net_faults: Arc<Mutex<NetFaults>>,
     trace: Arc<Mutex<Vec<String>>>,
+    consumed: TokenConsumptions,
 }
 
 impl SimCluster {
@@ -156,6 +158,18 @@ impl SimCluster {
             net,
             net_faults,
             trace,
+            consumed: Arc::default(),
+        }
+    }
+
+    /// Token single use: no join token was consumed twice.
+    pub fn tokens_used_once(&self) -> Result<(), String> {
+        match lock(&self.consumed).iter().find(|(_, &n)| n > 1) {
+            Some((hash, n)) => Err(format!(
+                "seed {}: token single use: token {:02x}.. was consumed {n} times",
+                self.swarm.seed, hash[0]
+            )),
+            None => Ok(()),
         }
     }
 
@@ -289,6 +303,7 @@ impl SimCluster {
                 self.registry.clone(),
                 self.start,
                 self.rng.next_u64(),
+                Arc::clone(&self.consumed),
             ));
         }
         let chaos_end = Instant::now() + Duration::from_millis(self.swarm.chaos_ms);
@@ -638,7 +653,13 @@ async fn client_loop(
     let mut generation = 0;
     let now = || start.elapsed().as_micros() as u64;
     for op_number in 0..swarm.ops_per_client {
-        let key = workload_key(rng.next_u64() % swarm.keys);
+        // Most operations contend on a few hot keys; the rest touch keys
+        // spread over the whole vShard space (and so every data group).
+        let key = if rng.next_u64() % 4 == 0 {
+            format!("cold{}", rng.next_u64() % 100_000)
+        } else {
+            workload_key(rng.next_u64() % swarm.keys)
+        };
         let roll = rng.next_u64() % 100;
         let value = format!("c{client}-{op_number}");
         let op = if roll < swarm.read_percent {
@@ -762,7 +783,17 @@ fn lossy(bytes: Vec<u8>) -> String {
 }
 
 /// Group-0 traffic during chaos: DDL, leases and drains, surrogate allocation.
-async fn metadata_loop(swarm: Swarm, registry: Registry, start: Instant, seed: u64) {
+/// How many times each join token was consumed, as acknowledged to the
+/// proposers: the token single-use checker's evidence.
+pub type TokenConsumptions = Arc<Mutex<BTreeMap<[u8; 32], u32>>>;
+
+async fn metadata_loop(
+    swarm: Swarm,
+    registry: Registry,
+    start: Instant,
+    seed: u64,
+    consumed: TokenConsumptions,
+) {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     for _ in 0..swarm.metadata_ops {
         let node = lock(&registry).values().next().cloned();
@@ -771,7 +802,32 @@ async fn metadata_loop(swarm: Swarm, registry: Registry, start: Instant, seed: u
             continue;
         };
         let now_ms = crate::clock::EPOCH_MS + start.elapsed().as_millis() as u64;
-        let entry = match rng.next_u64() % 4 {
+        let entry = match rng.next_u64() % 6 {
+            4 | 5 => {
+                let transition = match rng.next_u64() % 6 {
+                    0 => JoinTokenTransitionKind::Register {
+                        expires_at_ms: now_ms + 5_000,
+                    },
+                    1 => JoinTokenTransitionKind::Begin,
+                    2 | 3 => JoinTokenTransitionKind::Consume,
+                    4 => JoinTokenTransitionKind::Revert,
+                    _ => JoinTokenTransitionKind::Abort,
+                };
+                let token_hash = [(rng.next_u64() % 4) as u8; 32];
+                let entry = MetadataEntry::JoinTokenTransition {
+                    token_hash,
+                    transition,
+                    ts_ms: now_ms,
+                };
+                if let Ok(committed) = node.propose_metadata(entry).await {
+                    let applied = committed.outcome == Outcome::Metadata(None);
+                    if applied && transition == JoinTokenTransitionKind::Consume {
+                        *lock(&consumed).entry(token_hash).or_default() += 1;
+                    }
+                }
+                sleep(Duration::from_millis(50 + rng.next_u64() % 200)).await;
+                continue;
+            }
             0 => MetadataEntry::CatalogDdl {
                 payload: rng.next_u64().to_be_bytes().to_vec(),
             },

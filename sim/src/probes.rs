@@ -25,6 +25,7 @@ pub const ALL: &[&str] = &[
     "node.request_forwarded",
     "node.restart_from_disk",
     "node.storage_failure_stop",
+    "node.wrong_group_followed",
     "raft.commit_deferred_to_next_round",
     "raft.snapshot_delivered",
     "raft.snapshot_failed",

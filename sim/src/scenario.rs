@@ -72,5 +72,6 @@ async fn phases(
     cluster.heal();
     cluster.liveness().await?;
     cluster.final_reads(history).await?;
+    cluster.tokens_used_once()?;
     cluster.converged().await
 }

@@ -17,7 +17,7 @@ use crate::core::entry::MetadataEntry;
 use crate::core::hlc::DEFAULT_MAX_CLOCK_OFFSET_MS;
 use crate::core::hooks::MetadataHooks;
 use crate::core::ids::{GroupId, NodeId, VShardId};
-use crate::io::transport::Transport;
+use crate::io::transport::{Transport, TransportError};
 use crate::io::NodeIo;
 use crate::raft::engine::EngineConfig;
 use rpc::{Committed, NodeError, NodeStatus, Request, Response};
@@ -107,33 +107,46 @@ impl Node {
             .transport
             .call(to, codec::encode(request), self.request_timeout)
             .await
-            .map_err(|e| NodeError::Unreachable {
-                peer: to,
-                cause: e.to_string(),
+            .map_err(|e| match e {
+                // The request never left: safe to retry elsewhere.
+                TransportError::Unreachable(_) | TransportError::FrameTooLarge { .. } => {
+                    NodeError::Unreachable {
+                        peer: to,
+                        cause: e.to_string(),
+                    }
+                }
+                // It may have arrived and be executing: its outcome is
+                // unknown, and retrying could apply it twice.
+                TransportError::Timeout(_) | TransportError::Dropped(_) => NodeError::Timeout,
             })?;
         codec::decode::<Response>(&bytes).map_err(|e| NodeError::BadRequest(e.to_string()))
     }
 
     /// Runs a request here or at the leader, following redirects until the
-    /// deadline. `local` runs it on this node; `unwrap` takes the result out
-    /// of a peer's response.
-    async fn with_redirects<T, L>(
+    /// deadline. `request` builds the request for a peer, given the group
+    /// the last redirect named (so a leader whose routing moved the vShard
+    /// answers `WrongGroup`); `local` runs it on this node; `unwrap` takes
+    /// the result out of a peer's response. Only answers that prove the
+    /// request did not execute are retried.
+    async fn with_redirects<T, R, L>(
         &self,
-        request: Request,
+        request: R,
         local: L,
         unwrap: fn(Response) -> Option<T>,
     ) -> Result<T, NodeError>
     where
+        R: Fn(Option<GroupId>) -> Request,
         L: Fn(oneshot::Sender<Result<T, NodeError>>) -> Command,
     {
         let deadline = tokio::time::Instant::now() + self.request_timeout;
         let mut target = self.id;
+        let mut group = None;
         loop {
             let result = if target == self.id {
                 self.local(&local).await
             } else {
                 crate::probe!("node.request_forwarded");
-                match self.remote(target, &request).await {
+                match self.remote(target, &request(group)).await {
                     Ok(Response::Error(e)) => Err(e),
                     Ok(response) => unwrap(response)
                         .ok_or_else(|| NodeError::BadRequest("unexpected response".into())),
@@ -142,13 +155,22 @@ impl Node {
             };
             let retry = match &result {
                 Err(NodeError::NotLeader {
+                    group: g,
                     leader: Some(leader),
-                    ..
-                }) if *leader != target => Some(*leader),
+                }) if *leader != target => {
+                    group = Some(*g);
+                    Some(*leader)
+                }
+                Err(NodeError::WrongGroup(redirect)) => {
+                    crate::probe!("node.wrong_group_followed");
+                    group = Some(redirect.group);
+                    Some(redirect.leader.unwrap_or(self.id))
+                }
                 Err(NodeError::NotLeader { .. })
                 | Err(NodeError::NoMetadata)
                 | Err(NodeError::Unreachable { .. }) => {
                     tokio::time::sleep(RETRY_PAUSE).await;
+                    group = None;
                     Some(self.id)
                 }
                 _ => None,
@@ -165,7 +187,7 @@ impl Node {
     /// deterministically rejected — see [`rpc::Outcome::Metadata`]).
     pub async fn propose_metadata(&self, entry: MetadataEntry) -> Result<Committed, NodeError> {
         self.with_redirects(
-            Request::ProposeMetadata(entry.clone()),
+            |_| Request::ProposeMetadata(entry.clone()),
             |reply| Command::ProposeMetadata {
                 entry: entry.clone(),
                 reply,
@@ -186,9 +208,9 @@ impl Node {
         command: Vec<u8>,
     ) -> Result<Committed, NodeError> {
         self.with_redirects(
-            Request::Propose {
+            |group| Request::Propose {
                 vshard,
-                group: None,
+                group,
                 command: command.clone(),
             },
             |reply| Command::Propose {
@@ -208,7 +230,7 @@ impl Node {
     /// A linearizable read on `vshard`'s group, served by its leader.
     pub async fn read(&self, vshard: VShardId, query: Vec<u8>) -> Result<Vec<u8>, NodeError> {
         self.with_redirects(
-            Request::Read {
+            |_| Request::Read {
                 vshard,
                 query: query.clone(),
             },

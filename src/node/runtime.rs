@@ -298,6 +298,11 @@ impl Runtime {
                 Some(inbound) = self.inbound.recv() => self.on_inbound(inbound),
                 Some((group, peer, status)) = self.snapshot_reports.1.recv() => {
                     let _ = self.engine.report_snapshot(group, peer, status);
+                    if status == SnapshotStatus::Failure {
+                        // Let raft-rs probe the peer instead of streaming
+                        // appends at it (DESIGN.md §10).
+                        let _ = self.engine.report_unreachable(group, peer);
+                    }
                 }
             }
             // Take whatever else is already waiting before the next round,
