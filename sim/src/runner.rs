@@ -8,20 +8,50 @@ use std::path::PathBuf;
 use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
 
+/// The `keel-sim` subcommands.
+#[derive(clap::Subcommand)]
 pub enum Command {
+    /// Run one seed; print the swarm first and the trace hash last.
     Run {
+        #[arg(long)]
         seed: u64,
+        /// Write the client history as JSON lines to this file.
+        #[arg(long)]
         history: Option<PathBuf>,
+        /// Print the fault and phase trace.
+        #[arg(long)]
         trace: bool,
+        /// Plant a deliberate bug (skip-fsync, forget-vote, stale-reads) to
+        /// check that the checkers catch it.
+        #[arg(long)]
         plant: Option<String>,
     },
-    Sweep {
-        seeds: String,
-        jobs: usize,
+    /// Re-run one seed, printing its trace with --trace.
+    Replay {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        trace: bool,
+        #[arg(long)]
         plant: Option<String>,
+    },
+    /// Run a range of seeds, one fresh process each.
+    Sweep {
+        /// A..B (B exclusive).
+        #[arg(long)]
+        seeds: String,
+        #[arg(long, default_value_t = 2)]
+        jobs: usize,
+        /// Plant a deliberate bug in every seed.
+        #[arg(long)]
+        plant: Option<String>,
+        /// Stop at the first failing seed.
+        #[arg(long)]
         first_failure: bool,
     },
+    /// Run one seed twice in two processes and compare the trace hashes.
     CheckDeterminism {
+        #[arg(long)]
         seed: u64,
     },
 }
@@ -34,6 +64,9 @@ pub fn main(command: Command) -> Result<(), String> {
             trace,
             plant,
         } => run(seed, history, trace, parse_bug(plant.as_deref())?),
+        Command::Replay { seed, trace, plant } => {
+            run(seed, None, trace, parse_bug(plant.as_deref())?)
+        }
         Command::Sweep {
             seeds,
             jobs,

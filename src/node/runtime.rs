@@ -806,22 +806,12 @@ impl Runtime {
 
     /// Answers every read whose index has been applied.
     fn serve_reads(&mut self) {
-        let ready: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, r)| {
-                r.index.is_some_and(|index| {
-                    self.engine
-                        .status(r.group)
-                        .is_some_and(|s| s.applied >= index)
-                })
-            })
-            .map(|(&id, _)| id)
-            .collect();
-        for id in ready {
-            let Some(read) = self.reads.remove(&id) else {
-                continue;
-            };
+        let engine = &self.engine;
+        let ready = take_where(&mut self.reads, |r| {
+            r.index
+                .is_some_and(|index| engine.status(r.group).is_some_and(|s| s.applied >= index))
+        });
+        for read in ready {
             match (read.reply, read.query) {
                 (ReadReply::Data(tx), Some(query)) => {
                     let result = self
@@ -853,49 +843,27 @@ impl Runtime {
     /// outcome is unknown (a proposal may still commit later).
     fn expire_waiters(&mut self) {
         let now = Instant::now();
-        let expired: Vec<u64> = self
-            .proposals
-            .iter()
-            .filter(|(_, p)| p.deadline <= now)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in expired {
-            if let Some(p) = self.proposals.remove(&id) {
-                crate::probe!("node.proposal_timed_out");
-                let _ = p.reply.send(Err(NodeError::Timeout));
-            }
+        for p in take_where(&mut self.proposals, |p| p.deadline <= now) {
+            crate::probe!("node.proposal_timed_out");
+            let _ = p.reply.send(Err(NodeError::Timeout));
         }
-        let expired: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, r)| r.deadline <= now)
-            .map(|(&id, _)| id)
-            .collect();
-        for id in expired {
-            if let Some(r) = self.reads.remove(&id) {
-                r.reply.fail(NodeError::Timeout);
-            }
+        for r in take_where(&mut self.reads, |r| r.deadline <= now) {
+            r.reply.fail(NodeError::Timeout);
         }
     }
 
     /// A node that lost leadership cannot complete its pending reads.
     fn fail_reads_of_followers(&mut self) {
-        let lost: Vec<u64> = self
-            .reads
-            .iter()
-            .filter(|(_, r)| {
-                self.engine
-                    .status(r.group)
-                    .is_none_or(|s| s.role != StateRole::Leader)
-            })
-            .map(|(&id, _)| id)
-            .collect();
-        for id in lost {
-            if let Some(read) = self.reads.remove(&id) {
-                crate::probe!("node.read_lost_leadership");
-                let error = self.not_leader(read.group);
-                read.reply.fail(error);
-            }
+        let engine = &self.engine;
+        let lost = take_where(&mut self.reads, |r| {
+            engine
+                .status(r.group)
+                .is_none_or(|s| s.role != StateRole::Leader)
+        });
+        for read in lost {
+            crate::probe!("node.read_lost_leadership");
+            let error = self.not_leader(read.group);
+            read.reply.fail(error);
         }
     }
 
@@ -1113,6 +1081,15 @@ impl Runtime {
             groups,
         }
     }
+}
+
+/// Removes and returns the waiters that match `gone`, in id order.
+fn take_where<T>(waiters: &mut BTreeMap<u64, T>, gone: impl Fn(&T) -> bool) -> Vec<T> {
+    let (taken, kept): (BTreeMap<u64, T>, BTreeMap<u64, T>) = std::mem::take(waiters)
+        .into_iter()
+        .partition(|(_, w)| gone(w));
+    *waiters = kept;
+    taken.into_values().collect()
 }
 
 /// Answers a peer's call once the local result is ready, without holding
