@@ -64,10 +64,43 @@ mod bench {
     }
 
     /// A 3-node cluster that can commit a batch of proposals on its leader.
-    trait Cluster {
+    trait Cluster: Sized {
+        /// Names the cluster in failure messages.
+        const NAME: &'static str;
+
+        /// One step: every node runs, then every message sent is delivered.
+        fn step(&mut self);
+
+        /// Proposes one payload on the leader.
+        fn propose_on_leader(&mut self);
+
+        /// Normal entries the leader has applied.
+        fn leader_applied(&self) -> u64;
+
+        fn drive_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+            for _ in 0..MAX_STEPS {
+                self.step();
+                if done(self) {
+                    return;
+                }
+            }
+            panic!(
+                "{}: not reached within {MAX_STEPS} steps: {what}",
+                Self::NAME
+            );
+        }
+
         /// Proposes `n` entries on the leader and drives the cluster until
         /// the leader has applied all of them.
-        fn commit_batch(&mut self, n: usize);
+        fn commit_batch(&mut self, n: usize) {
+            let target = self.leader_applied() + n as u64;
+            for _ in 0..n {
+                self.propose_on_leader();
+            }
+            self.drive_until("the batch is applied on the leader", |c| {
+                c.leader_applied() >= target
+            });
+        }
     }
 
     // ---- keel: Engine + RaftStore over redb ---------------------------------
@@ -172,8 +205,11 @@ mod bench {
         fn node(&mut self, id: NodeId) -> &mut KeelNode {
             self.nodes.get_mut(&id).expect("node exists")
         }
+    }
 
-        /// One step: every node runs, then every message sent is delivered.
+    impl Cluster for KeelCluster {
+        const NAME: &'static str = "keel cluster";
+
         fn step(&mut self) {
             for node in self.nodes.values_mut() {
                 node.run(&mut self.outbox);
@@ -186,31 +222,16 @@ mod bench {
             }
         }
 
-        fn drive_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
-            for _ in 0..MAX_STEPS {
-                self.step();
-                if done(self) {
-                    return;
-                }
-            }
-            panic!("keel cluster: not reached within {MAX_STEPS} steps: {what}");
+        fn propose_on_leader(&mut self) {
+            let data = self.payload.clone();
+            self.node(self.leader)
+                .engine
+                .propose(G, Vec::new(), data)
+                .expect("leader accepts the proposal");
         }
-    }
 
-    impl Cluster for KeelCluster {
-        fn commit_batch(&mut self, n: usize) {
-            let leader = self.leader;
-            let target = self.nodes[&leader].applied + n as u64;
-            for _ in 0..n {
-                let data = self.payload.clone();
-                self.node(leader)
-                    .engine
-                    .propose(G, Vec::new(), data)
-                    .expect("leader accepts the proposal");
-            }
-            self.drive_until("the batch is applied on the leader", |c| {
-                c.nodes[&leader].applied >= target
-            });
+        fn leader_applied(&self) -> u64 {
+            self.nodes[&self.leader].applied
         }
     }
 
@@ -325,6 +346,10 @@ mod bench {
         fn node(&mut self, id: u64) -> &mut MemNode {
             self.nodes.get_mut(&id).expect("node exists")
         }
+    }
+
+    impl Cluster for MemCluster {
+        const NAME: &'static str = "raft-rs cluster";
 
         fn step(&mut self) {
             for node in self.nodes.values_mut() {
@@ -338,31 +363,16 @@ mod bench {
             }
         }
 
-        fn drive_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
-            for _ in 0..MAX_STEPS {
-                self.step();
-                if done(self) {
-                    return;
-                }
-            }
-            panic!("raft-rs cluster: not reached within {MAX_STEPS} steps: {what}");
+        fn propose_on_leader(&mut self) {
+            let data = self.payload.clone();
+            self.node(self.leader)
+                .raw
+                .propose(Vec::new(), data)
+                .expect("leader accepts the proposal");
         }
-    }
 
-    impl Cluster for MemCluster {
-        fn commit_batch(&mut self, n: usize) {
-            let leader = self.leader;
-            let target = self.nodes[&leader].applied + n as u64;
-            for _ in 0..n {
-                let data = self.payload.clone();
-                self.node(leader)
-                    .raw
-                    .propose(Vec::new(), data)
-                    .expect("leader accepts the proposal");
-            }
-            self.drive_until("the batch is applied on the leader", |c| {
-                c.nodes[&leader].applied >= target
-            });
+        fn leader_applied(&self) -> u64 {
+            self.nodes[&self.leader].applied
         }
     }
 
