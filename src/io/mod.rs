@@ -6,6 +6,8 @@
 pub mod clock;
 pub mod memory_transport;
 pub mod migration_table;
+#[cfg(not(madsim))]
+pub mod quic;
 pub mod transport;
 
 use crate::io::clock::WallClock;
