@@ -236,7 +236,7 @@ impl Transport for MemoryTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::transport::DEFAULT_CALL_TIMEOUT;
+    use crate::io::transport::{spawn_echo, DEFAULT_CALL_TIMEOUT};
 
     fn node(id: u64) -> NodeId {
         NodeId::new(id).expect("test node ids are non-zero")
@@ -249,20 +249,6 @@ mod tests {
             Ok(Inbound::Call { .. }) => panic!("expected a frame, got a call"),
             Err(_) => None,
         }
-    }
-
-    /// Answers every call arriving at `rx` with the request prefixed by "re:".
-    fn spawn_echo(mut rx: InboundReceiver) {
-        tokio::spawn(async move {
-            while let Some(inbound) = rx.recv().await {
-                if let Inbound::Call { request, reply, .. } = inbound {
-                    let mut response = b"re:".to_vec();
-                    response.extend_from_slice(&request);
-                    // The caller may have given up already; nothing to do then.
-                    let _ = reply.send(response);
-                }
-            }
-        });
     }
 
     #[tokio::test]

@@ -677,7 +677,7 @@ impl Transport for QuicTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::io::transport::DEFAULT_CALL_TIMEOUT;
+    use crate::io::transport::{spawn_echo, DEFAULT_CALL_TIMEOUT};
 
     fn node(id: u64) -> NodeId {
         NodeId::new(id).expect("test node ids are non-zero")
@@ -722,18 +722,6 @@ mod tests {
             .await
             .expect("inbound within 10s")
             .expect("inbound channel open")
-    }
-
-    fn spawn_echo(mut rx: InboundReceiver) {
-        tokio::spawn(async move {
-            while let Some(inbound) = rx.recv().await {
-                if let Inbound::Call { request, reply, .. } = inbound {
-                    let mut response = b"re:".to_vec();
-                    response.extend_from_slice(&request);
-                    let _ = reply.send(response);
-                }
-            }
-        });
     }
 
     #[tokio::test]

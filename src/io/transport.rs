@@ -60,3 +60,19 @@ pub trait Transport: Send + Sync + 'static {
     /// Sends a request and waits for the response, at most `timeout`.
     fn call(&self, to: NodeId, request: Vec<u8>, timeout: Duration) -> CallFuture;
 }
+
+/// Test helper shared by the bindings' tests: answers every call arriving
+/// at `rx` with the request prefixed by "re:".
+#[cfg(test)]
+pub(crate) fn spawn_echo(mut rx: InboundReceiver) {
+    tokio::spawn(async move {
+        while let Some(inbound) = rx.recv().await {
+            if let Inbound::Call { request, reply, .. } = inbound {
+                let mut response = b"re:".to_vec();
+                response.extend_from_slice(&request);
+                // The caller may have given up already; nothing to do then.
+                let _ = reply.send(response);
+            }
+        }
+    });
+}
