@@ -4,273 +4,20 @@
 //! runtime reconciles into Raft membership, and nodes crash (their task is
 //! aborted) and restart from their files.
 
-use keel::core::cache::Bootstrap;
+mod common;
+
+use common::*;
 use keel::core::codec;
 use keel::core::entry::MetadataEntry;
-use keel::core::ids::{GroupId, NodeId, VShardId};
-use keel::core::kv::{KvCommand, KvQuery, KvResponse, KvStateMachine};
+use keel::core::ids::GroupId;
 use keel::core::routing::RoutingChange;
-use keel::core::topology::TopologyChange;
-use keel::io::clock::SystemClock;
-use keel::io::memory_transport::MemoryNetwork;
-use keel::io::{open_database, seeded_rng, NodeIo};
 use keel::node::rpc::{NodeError, Outcome};
-use keel::node::{start, MachineFactory, Node, NodeConfig};
-use std::collections::BTreeMap;
-use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
-use tokio::task::JoinHandle;
-
-fn n(id: u64) -> NodeId {
-    NodeId::new(id).unwrap()
-}
-
-const DATA_GROUPS: u64 = 2;
-
-struct Cluster {
-    net: MemoryNetwork,
-    dir: tempfile::TempDir,
-    nodes: BTreeMap<NodeId, (Node, JoinHandle<()>)>,
-    compact_threshold: u64,
-}
-
-fn kv_factory() -> MachineFactory {
-    Arc::new(|_| Box::new(KvStateMachine::new()))
-}
-
-/// Polls `check` every 20 ms until it returns `Some`, for at most 20 s.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    for _ in 0..1_000 {
-        if let Some(value) = check().await {
-            return value;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("not reached within 20 s: {what}");
-}
-
-fn put(key: &str, value: &str) -> (VShardId, Vec<u8>) {
-    let command = KvCommand::Put {
-        key: key.as_bytes().to_vec(),
-        value: value.as_bytes().to_vec(),
-    };
-    (command.vshard(), codec::encode(&command))
-}
-
-fn get(key: &str) -> (VShardId, Vec<u8>) {
-    let query = KvQuery::Get {
-        key: key.as_bytes().to_vec(),
-    };
-    (query.vshard(), codec::encode(&query))
-}
-
-fn value(response: &[u8]) -> Option<Vec<u8>> {
-    match codec::decode::<KvResponse>(response).unwrap() {
-        KvResponse::Value(v) => v,
-        other => panic!("unexpected response {other:?}"),
-    }
-}
-
-impl Cluster {
-    fn new() -> Self {
-        Self::with_compaction(10_000)
-    }
-
-    fn with_compaction(compact_threshold: u64) -> Self {
-        Cluster {
-            net: MemoryNetwork::new(),
-            dir: tempfile::tempdir().unwrap(),
-            nodes: BTreeMap::new(),
-            compact_threshold,
-        }
-    }
-
-    fn start(&mut self, id: NodeId, bootstrap: Option<Bootstrap>) {
-        let (transport, inbound) = self.net.endpoint(id);
-        let db = open_database(&self.dir.path().join(format!("n{id}.redb"))).unwrap();
-        let io = NodeIo {
-            transport,
-            inbound,
-            clock: Arc::new(SystemClock),
-            rng: seeded_rng(id.get()),
-            db: Arc::new(db),
-        };
-        let mut config = NodeConfig::new(id);
-        config.tick_interval = Duration::from_millis(10);
-        config.request_timeout = Duration::from_secs(10);
-        config.engine.compact_threshold = self.compact_threshold;
-        let (node, task) = start(config, io, bootstrap, kv_factory(), Box::new(())).unwrap();
-        self.nodes.insert(id, (node, task));
-    }
-
-    fn node(&self, id: NodeId) -> &Node {
-        &self.nodes[&id].0
-    }
-
-    /// Bootstraps node 1 and joins nodes 2..=size through group 0.
-    async fn form(size: u64) -> Self {
-        let mut c = Cluster::new();
-        c.form_on(size).await;
-        c
-    }
-
-    async fn form_on(&mut self, size: u64) {
-        self.start(
-            n(1),
-            Some(Bootstrap {
-                cluster_id: [9; 16],
-                node_id: n(1),
-                addr: "n1".into(),
-                data_groups: DATA_GROUPS,
-                replication_factor: 3,
-                ca_cert_der: b"test CA".to_vec(),
-            }),
-        );
-        for id in 2..=size {
-            self.join(n(id)).await;
-        }
-        let want = size.min(5) as usize;
-        self.await_metadata_voters(want).await;
-    }
-
-    async fn join(&mut self, id: NodeId) {
-        self.start(id, None);
-        let first = self.nodes.keys().next().copied().unwrap();
-        let committed = self
-            .node(first)
-            .propose_metadata(MetadataEntry::TopologyChange(TopologyChange::Join {
-                node_id: id,
-                addr: format!("{id}"),
-            }))
-            .await
-            .unwrap();
-        assert_eq!(committed.outcome, Outcome::Metadata(None));
-    }
-
-    async fn await_metadata_voters(&self, want: usize) {
-        let nodes: Vec<Node> = self.nodes.values().map(|(node, _)| node.clone()).collect();
-        eventually(&format!("group 0 has {want} voters everywhere"), || {
-            let nodes = nodes.clone();
-            async move {
-                for node in &nodes {
-                    let view = node.group(GroupId::METADATA).await.ok()??;
-                    if view.voters.len() != want {
-                        return None;
-                    }
-                }
-                Some(())
-            }
-        })
-        .await
-    }
-
-    /// Makes `nodes` voters of every data group via routing changes.
-    async fn replicate_to(&self, nodes: &[NodeId]) {
-        let admin = self.node(n(1)).clone();
-        for g in 1..=DATA_GROUPS {
-            for &node in nodes {
-                for change in [
-                    RoutingChange::AddLearner {
-                        group_id: GroupId(g),
-                        node_id: node,
-                    },
-                    RoutingChange::PromoteLearner {
-                        group_id: GroupId(g),
-                        node_id: node,
-                    },
-                ] {
-                    let c = admin
-                        .propose_metadata(MetadataEntry::RoutingChange(change.clone()))
-                        .await
-                        .unwrap();
-                    assert_eq!(c.outcome, Outcome::Metadata(None), "{change:?}");
-                }
-            }
-        }
-        for g in 1..=DATA_GROUPS {
-            self.await_group_voters(GroupId(g), nodes.len() + 1).await;
-        }
-    }
-
-    async fn await_group_voters(&self, group: GroupId, want: usize) {
-        let nodes: Vec<Node> = self.nodes.values().map(|(node, _)| node.clone()).collect();
-        eventually(&format!("{group} has {want} voters"), || {
-            let nodes = nodes.clone();
-            async move {
-                for node in &nodes {
-                    let view = node.group(group).await.ok()?;
-                    if let Some(view) = view {
-                        if view.is_leader && view.voters.len() == want {
-                            return Some(());
-                        }
-                    }
-                }
-                None
-            }
-        })
-        .await
-    }
-
-    async fn put_via(&self, id: NodeId, key: &str, val: &str) {
-        let (vshard, command) = put(key, val);
-        let committed = self.node(id).propose(vshard, command).await.unwrap();
-        assert!(matches!(committed.outcome, Outcome::Data(_)));
-    }
-
-    async fn get_via(&self, id: NodeId, key: &str) -> Option<Vec<u8>> {
-        let (vshard, query) = get(key);
-        value(&self.node(id).read(vshard, query).await.unwrap())
-    }
-
-    /// Waits until `id`'s own replica shows `key = val`.
-    async fn await_local(&self, id: NodeId, key: &str, val: &str) {
-        let node = self.node(id).clone();
-        let want = val.as_bytes().to_vec();
-        eventually(&format!("{key}={val} on {id}"), || {
-            let node = node.clone();
-            let want = want.clone();
-            async move {
-                let (vshard, query) = get(key);
-                let bytes = node.read_stale(vshard, query).await.ok()?;
-                (value(&bytes) == Some(want)).then_some(())
-            }
-        })
-        .await
-    }
-
-    async fn crash(&mut self, id: NodeId) {
-        let (_, task) = self.nodes.remove(&id).unwrap();
-        self.net.unregister(id);
-        task.abort();
-        let _ = task.await;
-    }
-
-    async fn metadata_leader(&self) -> NodeId {
-        let nodes: Vec<Node> = self.nodes.values().map(|(node, _)| node.clone()).collect();
-        eventually("a group-0 leader", || {
-            let nodes = nodes.clone();
-            async move {
-                for node in &nodes {
-                    if node.group(GroupId::METADATA).await.ok()??.is_leader {
-                        return Some(node.id());
-                    }
-                }
-                None
-            }
-        })
-        .await
-    }
-}
 
 #[tokio::test]
 async fn three_nodes_join_replicate_and_forward() {
     let c = Cluster::form(3).await;
-    c.replicate_to(&[n(2), n(3)]).await;
+    c.await_replication(3).await;
     // Writes through any node are forwarded to the group's leader.
     for (i, id) in [1, 2, 3, 2, 3, 1].into_iter().enumerate() {
         c.put_via(n(id), &format!("key{i}"), &format!("v{i}")).await;
@@ -299,7 +46,7 @@ async fn three_nodes_join_replicate_and_forward() {
 #[tokio::test]
 async fn every_node_restarts_with_its_data() {
     let mut c = Cluster::form(3).await;
-    c.replicate_to(&[n(2), n(3)]).await;
+    c.await_replication(3).await;
     for i in 0..10 {
         c.put_via(n(1 + i % 3), &format!("k{i}"), "x").await;
     }
@@ -319,7 +66,7 @@ async fn every_node_restarts_with_its_data() {
 #[tokio::test]
 async fn leader_crash_elects_a_new_leader_without_losing_writes() {
     let mut c = Cluster::form(3).await;
-    c.replicate_to(&[n(2), n(3)]).await;
+    c.await_replication(3).await;
     c.put_via(n(1), "before", "1").await;
     let leader = c.metadata_leader().await;
     c.crash(leader).await;
@@ -353,13 +100,12 @@ async fn five_nodes_have_five_metadata_voters() {
 #[tokio::test]
 async fn a_new_replica_catches_up_by_snapshot() {
     let mut c = Cluster::with_compaction(20);
+    c.replication_factor = 1;
     c.form_on(3).await;
     c.replicate_to(&[n(2)]).await;
     for i in 0..60 {
         c.put_via(n(1), &format!("k{i}"), "v").await;
     }
-    let group = c.node(n(1)).metadata().await.ok();
-    let _ = group;
     // Node 3 joins every data group; the logs were compacted, so it can only
     // catch up from a snapshot.
     let admin = c.node(n(1)).clone();
@@ -379,7 +125,9 @@ async fn a_new_replica_catches_up_by_snapshot() {
 
 #[tokio::test]
 async fn joint_consensus_replaces_a_voter_and_leadership_follows_routing() {
-    let mut c = Cluster::form(4).await;
+    let mut c = Cluster::new();
+    c.replication_factor = 1;
+    c.form_on(4).await;
     c.replicate_to(&[n(2), n(3)]).await;
     c.put_via(n(1), "a", "1").await;
     let g = GroupId(1);
@@ -455,7 +203,7 @@ async fn a_request_for_a_moved_vshard_gets_a_wrong_group_redirect() {
     use keel::io::transport::Transport;
     use keel::node::rpc::{Request, Response};
     let c = Cluster::form(3).await;
-    c.replicate_to(&[n(2), n(3)]).await;
+    c.await_replication(3).await;
     let (vshard, command) = put("moved", "x");
     let state = c.node(n(1)).metadata().await.unwrap();
     let old = state.routing.lookup(vshard).group;

@@ -16,7 +16,6 @@ use keel::core::hlc::Hlc;
 use keel::core::ids::{DescriptorId, GroupId, NodeId, VShardId};
 use keel::core::kv::{KvCommand, KvQuery, KvResponse, KvStateMachine};
 use keel::core::lease::DescriptorLease;
-use keel::core::routing::RoutingChange;
 use keel::core::token::JoinTokenTransitionKind;
 use keel::core::topology::TopologyChange;
 use keel::io::{seeded_rng, NodeIo};
@@ -208,8 +207,8 @@ impl SimCluster {
         }
     }
 
-    /// Joins every node through group 0 and replicates the data groups to
-    /// the swarm's replication factor — fault-free.
+    /// Joins every node through group 0 and waits for the data groups to
+    /// reach the swarm's replication factor — fault-free.
     pub async fn form(&mut self) -> Result<(), String> {
         self.until(Duration::from_secs(30), "node 1 serves", Ready(n(1)))
             .await?;
@@ -233,31 +232,7 @@ impl SimCluster {
         .await?;
         self.until(Duration::from_secs(60), "every node is active", AllActive)
             .await?;
-        // Spread replicas round-robin, as the rebalancer will.
-        let extra = self.swarm.replication_factor.saturating_sub(1) as u64;
-        for g in 1..=self.swarm.data_groups {
-            for k in 0..extra {
-                let node = n(2 + (g + k) % (self.swarm.nodes - 1));
-                for change in [
-                    RoutingChange::AddLearner {
-                        group_id: GroupId(g),
-                        node_id: node,
-                    },
-                    RoutingChange::PromoteLearner {
-                        group_id: GroupId(g),
-                        node_id: node,
-                    },
-                ] {
-                    let committed = admin
-                        .propose_metadata(MetadataEntry::RoutingChange(change.clone()))
-                        .await
-                        .map_err(|e| format!("replicating {}: {e}", GroupId(g)))?;
-                    if let Outcome::Metadata(Some(reason)) = committed.outcome {
-                        return Err(format!("{change:?} was rejected: {reason}"));
-                    }
-                }
-            }
-        }
+        // The group-0 leader places replicas up to the replication factor.
         self.until(
             Duration::from_secs(60),
             "data groups reach their replication factor",

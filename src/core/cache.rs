@@ -144,6 +144,9 @@ pub struct MetadataState {
     pub cluster_version: ClusterVersion,
     pub topology: Topology,
     pub routing: RoutingTable,
+    /// How many replicas each data group should have; the group-0 leader
+    /// adds replicas on active nodes until it does (`core::placement`).
+    pub replication_factor: u64,
     pub leases: LeaseTable,
     pub ca_trust: CaTrustSet,
     pub surrogate_hwm: u32,
@@ -197,6 +200,7 @@ impl MetadataCache {
             cluster_version: ClusterVersion::LATEST,
             topology: Topology::bootstrap(b.node_id, b.addr.clone()),
             routing,
+            replication_factor: b.replication_factor as u64,
             leases: LeaseTable::new(),
             ca_trust,
             surrogate_hwm: 0,

@@ -13,6 +13,7 @@ pub mod ids;
 pub mod kv;
 pub mod lease;
 pub mod migration;
+pub mod placement;
 pub mod routing;
 pub mod state_machine;
 pub mod token;

@@ -269,6 +269,20 @@ impl Topology {
         self.retired.contains(&node_id)
     }
 
+    /// The id a newly admitted node gets: one past every id ever used,
+    /// current or retired, so an id is never handed out twice. `None` only
+    /// once `u64` ids are exhausted.
+    pub fn next_node_id(&self) -> Option<NodeId> {
+        let highest = self
+            .nodes
+            .keys()
+            .chain(self.retired.iter())
+            .map(|id| id.get())
+            .max()
+            .unwrap_or(0);
+        NodeId::new(highest.checked_add(1)?).ok()
+    }
+
     /// The number of current nodes (retired ids excluded).
     pub fn len(&self) -> usize {
         self.nodes.len()
@@ -340,6 +354,19 @@ mod tests {
             TopologyChange::FinishDecommission { node_id },
             TopologyChange::Leave { node_id },
         ]
+    }
+
+    #[test]
+    fn next_node_id_skips_current_and_retired_ids() {
+        let mut t = Topology::new();
+        assert_eq!(t.next_node_id(), Some(n(1)));
+        t.apply(&join(1)).unwrap();
+        t.apply(&join(4)).unwrap();
+        assert_eq!(t.next_node_id(), Some(n(5)));
+        t.apply(&join(5)).unwrap();
+        t.apply(&TopologyChange::Leave { node_id: n(5) }).unwrap();
+        assert!(t.is_retired(n(5)));
+        assert_eq!(t.next_node_id(), Some(n(6)), "a retired id is never reused");
     }
 
     #[test]

@@ -7,7 +7,11 @@ pub mod clock;
 pub mod memory_transport;
 pub mod migration_table;
 #[cfg(not(madsim))]
+pub mod pki;
+#[cfg(not(madsim))]
 pub mod quic;
+#[cfg(not(madsim))]
+pub mod quic_client;
 pub mod transport;
 
 use crate::io::clock::WallClock;

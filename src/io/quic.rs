@@ -3,12 +3,26 @@
 //! Every node holds a certificate signed by a cluster CA whose DNS subject
 //! alternative name (and common name) is `node-<id>.keel`, `<id>` being the
 //! node id in decimal without leading zeros (see [`node_dns_name`]). Both ends
-//! of every connection present certificates and verify them against the
-//! trusted CA set, so a node without a cluster-signed certificate cannot even
-//! finish the handshake (DESIGN.md §6). A dialling node also checks that the
-//! server's certificate names the node it meant to reach, and an accepting
-//! node takes the sender of everything arriving on a connection from the
-//! client certificate, never from the bytes: a peer cannot claim another id.
+//! of every node-to-node connection present certificates and verify them
+//! against the trusted CA set, so a node without a cluster-signed certificate
+//! cannot even finish the handshake (DESIGN.md §6). A dialling node also
+//! checks that the server's certificate names the node it meant to reach, and
+//! an accepting node takes the sender of everything arriving on a connection
+//! from the client certificate, never from the bytes: a peer cannot claim
+//! another id.
+//!
+//! The same port also serves clients (see `quic_client`), which may only
+//! make calls, delivered on a separate channel as [`ClientCall`]s:
+//! - admin clients (the CLI, benchmarks) present a certificate from the
+//!   trusted CA set naming [`ADMIN_DNS_NAME`] ([`ClientPeer::Admin`]);
+//! - joining nodes, which have no certificate yet, present none
+//!   ([`ClientPeer::Anonymous`]). Their calls are bounded: requests of at
+//!   most [`MAX_ANONYMOUS_REQUEST_LEN`] bytes, at most
+//!   [`MAX_ANONYMOUS_CALLS`] at once per connection.
+//!
+//! A certificate that does not chain to the trusted CA set, or that names
+//! neither exactly one node nor the admin, is refused; what an anonymous
+//! caller may do is for the node to decide (it only answers joins).
 //!
 //! Wire format, on connections dialled by the sending node (each node dials
 //! its own outgoing connection to each peer, so traffic from `a` to `b` always
@@ -21,13 +35,19 @@
 //!   request and finishes; the answer comes back length-prefixed on the same
 //!   stream. A stream reset instead of an answer means the callee dropped the
 //!   call.
+//!
+//! [`QuicTransport::reload_identity`] swaps the node's certificate and
+//! trusted CA set live (CA rotation): every connection made under the old
+//! identity is closed, so each peer re-handshakes under the new trust.
 
 use crate::core::ids::NodeId;
+use crate::io::pki::{node_dns_name, TlsIdentity, ADMIN_DNS_NAME};
 use crate::io::transport::{
     CallFuture, Inbound, InboundReceiver, Transport, TransportError, MAX_FRAME_LEN,
 };
 use quinn::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::client::{verify_server_name, WebPkiServerVerifier};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::RootCertStore;
@@ -36,16 +56,27 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 /// The application protocol spoken on keel's QUIC connections; a peer that
 /// does not offer it fails the handshake instead of talking past us.
 pub const ALPN: &[u8] = b"keel/1";
 
+/// The largest request an anonymous (certificate-less) caller may send. A
+/// join request (token and CSR) is well under a kilobyte.
+pub const MAX_ANONYMOUS_REQUEST_LEN: usize = 64 * 1024;
+
+/// How many calls one anonymous connection may have in progress; further
+/// streams are reset. A joiner only ever needs one.
+pub const MAX_ANONYMOUS_CALLS: usize = 4;
+
+/// How long an anonymous caller may take to send its request.
+const ANONYMOUS_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long dialling a peer may take before it counts as a failed attempt,
 /// so one dead peer cannot hold up that peer's frame queue for long.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// First wait after a failed dial; doubled per consecutive failure.
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
@@ -60,143 +91,131 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 const KEEP_ALIVE: Duration = Duration::from_secs(3);
 
 /// Application error code for a stream or connection refused by protocol
-/// (oversized frame, malformed request, unusable certificate).
-const CODE_REFUSED: u32 = 1;
+/// (oversized frame, malformed request, unusable certificate, a stream kind
+/// or count the peer may not open).
+pub(crate) const CODE_REFUSED: u32 = 1;
 
 /// Application error code for a call the node dropped without answering.
-const CODE_DROPPED: u32 = 2;
+pub(crate) const CODE_DROPPED: u32 = 2;
 
-/// Application error code when the local transport shuts down.
-const CODE_SHUTDOWN: u32 = 3;
+/// Application error code when the local transport (or client) shuts down.
+pub(crate) const CODE_SHUTDOWN: u32 = 3;
+
+/// Application error code for connections closed because the local TLS
+/// identity or trusted CA set changed; the peer re-handshakes.
+const CODE_RELOADED: u32 = 4;
+
+/// How often a dial is retried when the TLS identity changes while dialling.
+const STALE_DIAL_RETRIES: usize = 3;
 
 /// What can go wrong setting up the QUIC binding.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, thiserror::Error)]
 pub enum QuicError {
-    #[error("generating or signing a certificate failed: {0}")]
-    Certificate(String),
     #[error("the TLS identity (certificates, key or CA set) is unusable: {0}")]
     Tls(String),
     #[error("binding the QUIC endpoint failed: {0}")]
     Bind(String),
 }
 
-/// A node's TLS identity: its certificate chain (leaf first) and PKCS#8 or
-/// SEC1/PKCS#1 private key, plus the trusted CA set, all DER-encoded.
-///
-/// `Debug` is written by hand so that the private key never ends up in logs.
-#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct TlsIdentity {
-    pub cert_chain_der: Vec<Vec<u8>>,
-    pub key_der: Vec<u8>,
-    pub trusted_cas_der: Vec<Vec<u8>>,
+/// Who made a [`ClientCall`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ClientPeer {
+    /// A client presenting a trusted certificate naming [`ADMIN_DNS_NAME`].
+    Admin,
+    /// A client presenting no certificate (a joining node).
+    Anonymous,
 }
 
-impl fmt::Debug for TlsIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsIdentity")
-            .field("cert_chain_der", &self.cert_chain_der)
-            .field("key_der", &"<redacted>")
-            .field("trusted_cas_der", &self.trusted_cas_der)
-            .finish()
-    }
+/// A call from a client rather than a node. The node answers through
+/// `reply`; dropping it fails the call.
+#[derive(Debug)]
+pub struct ClientCall {
+    pub peer: ClientPeer,
+    pub request: Vec<u8>,
+    pub reply: oneshot::Sender<Vec<u8>>,
 }
 
-/// The DNS name a node's certificate carries, as SAN and common name:
-/// `node-<id>.keel`, the id in decimal.
-pub fn node_dns_name(node: NodeId) -> String {
-    format!("node-{}.keel", node.get())
-}
+/// The receiving half for client calls that [`bind`] hands to the node.
+pub type ClientInboundReceiver = mpsc::UnboundedReceiver<ClientCall>;
 
-/// Test/bootstrap helper: a self-signed cluster CA and node certificates
-/// signed by it, each naming its node through [`node_dns_name`].
-pub struct ClusterCa {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl fmt::Debug for ClusterCa {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClusterCa").finish_non_exhaustive()
-    }
-}
-
-impl ClusterCa {
-    /// Generates a fresh CA key and its self-signed certificate.
-    pub fn generate() -> Result<Self, QuicError> {
-        let key = rcgen::KeyPair::generate().map_err(cert_error)?;
-        let mut params = rcgen::CertificateParams::default();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "keel cluster CA");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let issuer = rcgen::CertifiedIssuer::self_signed(params, key).map_err(cert_error)?;
-        Ok(Self { issuer })
-    }
-
-    /// The CA certificate, DER-encoded: what nodes put in their trusted set.
-    pub fn cert_der(&self) -> Vec<u8> {
-        self.issuer.der().to_vec()
-    }
-
-    /// Issues a certificate for `node` with a fresh key, valid both as TLS
-    /// server and client (every node is both), trusting only this CA.
-    pub fn issue_node(&self, node: NodeId) -> Result<TlsIdentity, QuicError> {
-        let key = rcgen::KeyPair::generate().map_err(cert_error)?;
-        let name = node_dns_name(node);
-        let mut params = rcgen::CertificateParams::new(vec![name.clone()]).map_err(cert_error)?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.is_ca = rcgen::IsCa::ExplicitNoCa;
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).map_err(cert_error)?;
-        Ok(TlsIdentity {
-            cert_chain_der: vec![cert.der().to_vec()],
-            key_der: key.serialize_der(),
-            trusted_cas_der: vec![self.cert_der()],
-        })
-    }
-}
-
-fn cert_error(err: rcgen::Error) -> QuicError {
-    QuicError::Certificate(err.to_string())
-}
-
-fn tls_error(err: impl fmt::Display) -> QuicError {
+pub(crate) fn tls_error(err: impl fmt::Display) -> QuicError {
     QuicError::Tls(err.to_string())
 }
 
-/// Builds the quinn server and client configurations for `identity`: TLS 1.3
-/// only, client certificates required, both directions verified against the
-/// trusted CA set.
-fn quic_configs(
-    identity: &TlsIdentity,
-) -> Result<(quinn::ServerConfig, quinn::ClientConfig), QuicError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+/// The one crypto provider keel uses (ring), independent of any process-wide
+/// default.
+pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A root store holding exactly `cas`.
+pub(crate) fn root_store(cas: &[Vec<u8>]) -> Result<RootCertStore, QuicError> {
     let mut roots = RootCertStore::empty();
-    for ca in &identity.trusted_cas_der {
+    for ca in cas {
         roots
             .add(CertificateDer::from(ca.clone()))
             .map_err(tls_error)?;
     }
-    let roots = Arc::new(roots);
-    let chain: Vec<CertificateDer<'static>> = identity
+    Ok(roots)
+}
+
+/// The identity's certificate chain and key in rustls' types.
+pub(crate) fn chain_and_key(
+    identity: &TlsIdentity,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), QuicError> {
+    let chain = identity
         .cert_chain_der
         .iter()
         .map(|der| CertificateDer::from(der.clone()))
         .collect();
     let key = PrivateKeyDer::try_from(identity.key_der.clone()).map_err(tls_error)?;
+    Ok((chain, key))
+}
+
+/// A TLS 1.3-only rustls client config builder on keel's provider.
+pub(crate) fn client_builder(
+    provider: Arc<CryptoProvider>,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::WantsVerifier>, QuicError> {
+    rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)
+}
+
+/// The QUIC transport parameters shared by nodes and clients.
+fn transport_config() -> Result<Arc<quinn::TransportConfig>, QuicError> {
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(tls_error)?))
+        .keep_alive_interval(Some(KEEP_ALIVE));
+    Ok(Arc::new(transport))
+}
+
+/// Wraps a rustls client config (ALPN set here) into a quinn one.
+pub(crate) fn quic_client_config(
+    mut client: rustls::ClientConfig,
+) -> Result<quinn::ClientConfig, QuicError> {
+    client.alpn_protocols = vec![ALPN.to_vec()];
+    let client_crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_error)?;
+    let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
+    client_config.transport_config(transport_config()?);
+    Ok(client_config)
+}
+
+/// Builds the quinn server and client configurations for `identity`: TLS 1.3
+/// only, both directions verified against the trusted CA set. The server
+/// also accepts clients that present no certificate at all (they become
+/// [`ClientPeer::Anonymous`]); a presented certificate must verify.
+fn quic_configs(
+    identity: &TlsIdentity,
+) -> Result<(Arc<quinn::ServerConfig>, quinn::ClientConfig), QuicError> {
+    let provider = crypto_provider();
+    let roots = Arc::new(root_store(&identity.trusted_cas_der)?);
+    let (chain, key) = chain_and_key(identity)?;
 
     let client_verifier =
         WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .allow_unauthenticated()
             .build()
             .map_err(tls_error)?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -210,38 +229,25 @@ fn quic_configs(
     let server_verifier = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
         .build()
         .map_err(tls_error)?;
-    let mut client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_error)?
+    let client = client_builder(provider)?
         .with_webpki_verifier(server_verifier)
         .with_client_auth_cert(chain, key)
         .map_err(tls_error)?;
-    client.alpn_protocols = vec![ALPN.to_vec()];
-
-    let mut transport = quinn::TransportConfig::default();
-    transport
-        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(tls_error)?))
-        .keep_alive_interval(Some(KEEP_ALIVE));
-    let transport = Arc::new(transport);
 
     let server_crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_error)?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-    server_config.transport_config(transport.clone());
-    let client_crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_error)?;
-    let mut client_config = quinn::ClientConfig::new(Arc::new(client_crypto));
-    client_config.transport_config(transport);
-    Ok((server_config, client_config))
+    server_config.transport_config(transport_config()?);
+    Ok((Arc::new(server_config), quic_client_config(client)?))
 }
 
-/// The node id named by a peer's (already verified) leaf certificate.
+/// The node id named by a (verified) leaf certificate.
 ///
 /// The DER is scanned for DNS-name entries (context tag `[2]`, short length)
 /// of the form `node-<id>.keel`; the candidate is then confirmed with webpki's
 /// own subject-name check, so a look-alike byte sequence elsewhere in the
 /// certificate cannot pass. A certificate naming two different ids names none.
-fn node_id_from_cert(cert: &CertificateDer<'_>) -> Option<NodeId> {
+pub(crate) fn node_id_from_cert(cert: &CertificateDer<'_>) -> Option<NodeId> {
     let der = cert.as_ref();
     let mut found: Option<NodeId> = None;
     for (i, window) in der.windows(2).enumerate() {
@@ -258,10 +264,18 @@ fn node_id_from_cert(cert: &CertificateDer<'_>) -> Option<NodeId> {
         }
     }
     let node = found?;
-    let parsed = ParsedCertificate::try_from(cert).ok()?;
-    let name = ServerName::try_from(node_dns_name(node)).ok()?;
-    verify_server_name(&parsed, &name).ok()?;
-    Some(node)
+    cert_names(cert, &node_dns_name(node)).then_some(node)
+}
+
+/// Whether webpki finds `name` among the certificate's subject names.
+fn cert_names(cert: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(parsed) = ParsedCertificate::try_from(cert) else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from(name.to_owned()) else {
+        return false;
+    };
+    verify_server_name(&parsed, &name).is_ok()
 }
 
 /// Parses `node-<id>.keel` (canonical decimal, no sign, no leading zeros).
@@ -274,25 +288,61 @@ fn parse_node_name(name: &[u8]) -> Option<NodeId> {
     NodeId::new(digits.parse().ok()?).ok()
 }
 
-/// The node id of the peer on an established connection, from its leaf
-/// certificate.
-fn peer_node(conn: &Connection) -> Option<NodeId> {
-    let identity = conn.peer_identity()?;
+/// Who is on the other end of an accepted connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Peer {
+    Node(NodeId),
+    Client(ClientPeer),
+}
+
+/// Classifies an established incoming connection by its (already verified)
+/// client certificate: none at all is anonymous; a leaf must name exactly
+/// one node or the admin, never both.
+fn classify(conn: &Connection) -> Option<Peer> {
+    let Some(identity) = conn.peer_identity() else {
+        return Some(Peer::Client(ClientPeer::Anonymous));
+    };
     let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    node_id_from_cert(chain.first()?)
+    let Some(leaf) = chain.first() else {
+        return Some(Peer::Client(ClientPeer::Anonymous));
+    };
+    match (node_id_from_cert(leaf), cert_names(leaf, ADMIN_DNS_NAME)) {
+        (Some(node), false) => Some(Peer::Node(node)),
+        (None, true) => Some(Peer::Client(ClientPeer::Admin)),
+        _ => None,
+    }
+}
+
+/// Whether a QUIC connection error carries a TLS alert (transport error
+/// codes `0x100..=0x1ff`), from either side: a handshake failure.
+pub(crate) fn is_tls_failure(err: &quinn::ConnectionError) -> bool {
+    let code = match err {
+        quinn::ConnectionError::TransportError(e) => e.code,
+        quinn::ConnectionError::ConnectionClosed(close) => close.error_code,
+        _ => return false,
+    };
+    (0x100..=0x1ff).contains(&u64::from(code))
+}
+
+/// Whether `conn` is closed because of a TLS failure.
+fn closed_by_tls(conn: &Connection) -> bool {
+    conn.close_reason().is_some_and(|err| is_tls_failure(&err))
 }
 
 /// Why a length-prefixed frame could not be read.
-enum ReadFailure {
-    /// The prefix announced more than [`MAX_FRAME_LEN`] bytes.
+pub(crate) enum ReadFailure {
+    /// The prefix announced more bytes than the reader allows.
     TooLarge(usize),
     /// The stream was reset, stopped or ended mid-frame, or the connection died.
     Stream,
 }
 
-/// Reads one length-prefixed frame; `Ok(None)` when the stream ended cleanly
-/// before a new frame began.
-async fn read_frame(recv: &mut RecvStream) -> Result<Option<Vec<u8>>, ReadFailure> {
+/// Reads one length-prefixed frame of at most `max_len` bytes; `Ok(None)`
+/// when the stream ended cleanly before a new frame began.
+pub(crate) async fn read_frame(
+    recv: &mut RecvStream,
+    max_len: usize,
+) -> Result<Option<Vec<u8>>, ReadFailure> {
     let mut prefix = [0u8; 4];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -300,7 +350,7 @@ async fn read_frame(recv: &mut RecvStream) -> Result<Option<Vec<u8>>, ReadFailur
         Err(_) => return Err(ReadFailure::Stream),
     }
     let len = usize::try_from(u32::from_be_bytes(prefix)).map_err(|_| ReadFailure::Stream)?;
-    if len > MAX_FRAME_LEN {
+    if len > max_len {
         return Err(ReadFailure::TooLarge(len));
     }
     let mut frame = vec![0u8; len];
@@ -312,7 +362,7 @@ async fn read_frame(recv: &mut RecvStream) -> Result<Option<Vec<u8>>, ReadFailur
 
 /// Writes one length-prefixed frame. Callers check the length first; a frame
 /// that does not fit the prefix is refused rather than truncated.
-async fn write_frame(send: &mut SendStream, frame: &[u8]) -> Result<(), ()> {
+pub(crate) async fn write_frame(send: &mut SendStream, frame: &[u8]) -> Result<(), ()> {
     let len = u32::try_from(frame.len()).map_err(|_| ())?;
     send.write_all(&len.to_be_bytes()).await.map_err(|_| ())?;
     send.write_all(frame).await.map_err(|_| ())
@@ -325,8 +375,34 @@ struct PeerLink {
     conn: Option<(Connection, SocketAddr)>,
     /// Consecutive failed dials.
     failures: u32,
-    /// No new dial to this address before this instant.
-    retry_at: Option<(Instant, SocketAddr)>,
+    /// No new dial to this address under this TLS generation before this
+    /// instant: a new identity or trust set deserves a fresh attempt.
+    retry_at: Option<(Instant, SocketAddr, u64)>,
+}
+
+/// The current TLS configuration and every connection made under it.
+struct Tls {
+    /// Bumped by every [`QuicTransport::reload_identity`].
+    generation: u64,
+    server: Arc<quinn::ServerConfig>,
+    client: quinn::ClientConfig,
+    /// Connections (both directions) established under `generation`;
+    /// closed ones are pruned lazily.
+    conns: Vec<Connection>,
+}
+
+impl Tls {
+    /// Records `conn`, established with the configuration of `generation`.
+    /// Returns false if the identity changed meanwhile: the caller must
+    /// close it, since it was verified under the old trust.
+    fn register(&mut self, conn: &Connection, generation: u64) -> bool {
+        if generation != self.generation {
+            return false;
+        }
+        self.conns.retain(|c| c.close_reason().is_none());
+        self.conns.push(conn.clone());
+        true
+    }
 }
 
 /// State shared by the transport handle, its per-peer frame writers and its
@@ -334,7 +410,7 @@ struct PeerLink {
 struct Inner {
     me: NodeId,
     endpoint: Endpoint,
-    client_config: quinn::ClientConfig,
+    tls: Arc<Mutex<Tls>>,
     peer_addrs: Mutex<BTreeMap<NodeId, SocketAddr>>,
     links: Mutex<BTreeMap<NodeId, Arc<tokio::sync::Mutex<PeerLink>>>>,
     /// Per-peer queues feeding the task that writes one-way frames in order.
@@ -342,8 +418,8 @@ struct Inner {
 }
 
 /// Locks a std mutex, ignoring poisoning: every critical section here is a
-/// single map operation, so a panicking holder cannot leave it inconsistent.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// few field or map operations that cannot leave the data inconsistent.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -365,15 +441,18 @@ impl Inner {
             .ok_or(TransportError::Unreachable(to))?;
         let link = lock(&self.links).entry(to).or_default().clone();
         let mut link = link.lock().await;
-        if let Some((conn, conn_addr)) = &link.conn {
-            if *conn_addr == addr && conn.close_reason().is_none() {
-                return Ok(conn.clone());
+        if let Some((conn, conn_addr)) = link.conn.take() {
+            if conn_addr == addr && conn.close_reason().is_none() {
+                link.conn = Some((conn.clone(), conn_addr));
+                return Ok(conn);
             }
+            // Nothing else owns it once the link lets go: close it rather
+            // than leave keep-alives running on an abandoned connection.
+            conn.close(VarInt::from_u32(CODE_SHUTDOWN), b"peer address changed");
         }
-        link.conn = None;
         let now = Instant::now();
-        if let Some((retry_at, failed_addr)) = link.retry_at {
-            if failed_addr == addr && now < retry_at {
+        if let Some((retry_at, failed_addr, generation)) = link.retry_at {
+            if failed_addr == addr && generation == lock(&self.tls).generation && now < retry_at {
                 return Err(TransportError::Unreachable(to));
             }
         }
@@ -386,36 +465,46 @@ impl Inner {
             }
             None => {
                 link.failures = link.failures.saturating_add(1);
-                link.retry_at = Some((Instant::now() + backoff(link.failures), addr));
+                let generation = lock(&self.tls).generation;
+                link.retry_at = Some((Instant::now() + backoff(link.failures), addr, generation));
                 Err(TransportError::Unreachable(to))
             }
         }
     }
 
     /// One dial attempt, requiring the server to present `to`'s certificate.
+    /// A connection that completed under an identity replaced meanwhile is
+    /// closed and dialled again with the new one.
     async fn dial(&self, to: NodeId, addr: SocketAddr) -> Option<Connection> {
-        let connecting =
-            match self
-                .endpoint
-                .connect_with(self.client_config.clone(), addr, &node_dns_name(to))
-            {
+        for _ in 0..STALE_DIAL_RETRIES {
+            let (config, generation) = {
+                let tls = lock(&self.tls);
+                (tls.client.clone(), tls.generation)
+            };
+            let connecting = match self.endpoint.connect_with(config, addr, &node_dns_name(to)) {
                 Ok(connecting) => connecting,
                 Err(err) => {
                     tracing::debug!(me = %self.me, %to, %addr, %err, "cannot dial peer");
                     return None;
                 }
             };
-        match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-            Ok(Ok(conn)) => Some(conn),
-            Ok(Err(err)) => {
-                tracing::debug!(me = %self.me, %to, %addr, %err, "dialling peer failed");
-                None
+            let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(err)) => {
+                    tracing::debug!(me = %self.me, %to, %addr, %err, "dialling peer failed");
+                    return None;
+                }
+                Err(_elapsed) => {
+                    tracing::debug!(me = %self.me, %to, %addr, "dialling peer timed out");
+                    return None;
+                }
+            };
+            if lock(&self.tls).register(&conn, generation) {
+                return Some(conn);
             }
-            Err(_elapsed) => {
-                tracing::debug!(me = %self.me, %to, %addr, "dialling peer timed out");
-                None
-            }
+            conn.close(VarInt::from_u32(CODE_RELOADED), b"TLS identity changed");
         }
+        None
     }
 
     /// One call over a fresh bidirectional stream.
@@ -429,9 +518,15 @@ impl Inner {
             .await
             .map_err(|()| TransportError::Unreachable(to))?;
         send.finish().map_err(|_| TransportError::Unreachable(to))?;
-        match read_frame(&mut recv).await {
+        match read_frame(&mut recv, MAX_FRAME_LEN).await {
             Ok(Some(response)) => Ok(response),
             Err(ReadFailure::TooLarge(len)) => Err(TransportError::FrameTooLarge { len }),
+            // The peer refused our certificate only after our side of the
+            // handshake completed: it is unreachable to us, not a callee
+            // that dropped the call.
+            Ok(None) | Err(ReadFailure::Stream) if closed_by_tls(&conn) => {
+                Err(TransportError::Unreachable(to))
+            }
             Ok(None) | Err(ReadFailure::Stream) => Err(TransportError::Dropped(to)),
         }
     }
@@ -472,31 +567,62 @@ async fn write_frames(inner: Arc<Inner>, to: NodeId, mut queue: mpsc::UnboundedR
     }
 }
 
+/// What the accepting side of the endpoint needs.
+struct ServerCtx {
+    tls: Arc<Mutex<Tls>>,
+    nodes: mpsc::UnboundedSender<Inbound>,
+    clients: mpsc::UnboundedSender<ClientCall>,
+}
+
 /// Accepts connections until the endpoint closes.
-async fn accept_loop(endpoint: Endpoint, inbound: mpsc::UnboundedSender<Inbound>) {
+async fn accept_loop(endpoint: Endpoint, ctx: Arc<ServerCtx>) {
     while let Some(incoming) = endpoint.accept().await {
-        tokio::spawn(serve_connection(incoming, inbound.clone()));
+        tokio::spawn(serve_connection(incoming, ctx.clone()));
     }
 }
 
-/// Serves one incoming connection: its sender is the node named by its
-/// client certificate, and every stream on it is attributed to that node.
-async fn serve_connection(incoming: quinn::Incoming, inbound: mpsc::UnboundedSender<Inbound>) {
-    let conn = match incoming.await {
+/// Serves one incoming connection, handshaking under the current TLS
+/// configuration: a node's traffic is attributed to the node its
+/// certificate names; clients go to the client channel.
+async fn serve_connection(incoming: quinn::Incoming, ctx: Arc<ServerCtx>) {
+    let (server_config, generation) = {
+        let tls = lock(&ctx.tls);
+        (tls.server.clone(), tls.generation)
+    };
+    let connecting = match incoming.accept_with(server_config) {
+        Ok(connecting) => connecting,
+        Err(err) => {
+            tracing::debug!(%err, "incoming connection refused");
+            return;
+        }
+    };
+    let conn = match connecting.await {
         Ok(conn) => conn,
         Err(err) => {
             tracing::debug!(%err, "incoming connection failed its handshake");
             return;
         }
     };
-    let Some(from) = peer_node(&conn) else {
-        tracing::warn!(remote = %conn.remote_address(), "peer certificate names no node id");
+    let Some(peer) = classify(&conn) else {
+        tracing::warn!(remote = %conn.remote_address(), "peer certificate names neither one node nor the admin");
         conn.close(
             VarInt::from_u32(CODE_REFUSED),
-            b"certificate names no node id",
+            b"certificate names neither one node nor the admin",
         );
         return;
     };
+    if !lock(&ctx.tls).register(&conn, generation) {
+        conn.close(VarInt::from_u32(CODE_RELOADED), b"TLS identity changed");
+        return;
+    }
+    match peer {
+        Peer::Node(from) => serve_node(conn, from, &ctx.nodes).await,
+        Peer::Client(client) => serve_client(conn, client, &ctx.clients).await,
+    }
+}
+
+/// Serves a node's connection: every stream on it is attributed to `from`.
+async fn serve_node(conn: Connection, from: NodeId, inbound: &mpsc::UnboundedSender<Inbound>) {
     loop {
         tokio::select! {
             uni = conn.accept_uni() => match uni {
@@ -515,10 +641,51 @@ async fn serve_connection(incoming: quinn::Incoming, inbound: mpsc::UnboundedSen
     }
 }
 
+/// Serves a client's connection: calls only, bounded for anonymous callers.
+async fn serve_client(
+    conn: Connection,
+    peer: ClientPeer,
+    clients: &mpsc::UnboundedSender<ClientCall>,
+) {
+    let permits = match peer {
+        ClientPeer::Admin => None,
+        ClientPeer::Anonymous => Some(Arc::new(Semaphore::new(MAX_ANONYMOUS_CALLS))),
+    };
+    loop {
+        tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(mut recv) => {
+                    tracing::debug!(remote = %conn.remote_address(), ?peer, "refusing a one-way stream from a client");
+                    let _ = recv.stop(VarInt::from_u32(CODE_REFUSED));
+                }
+                Err(_) => return,
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((mut send, mut recv)) => {
+                    let permit = match &permits {
+                        None => None,
+                        Some(permits) => match permits.clone().try_acquire_owned() {
+                            Ok(permit) => Some(permit),
+                            Err(_) => {
+                                tracing::debug!(remote = %conn.remote_address(), "refusing a call beyond the anonymous limit");
+                                let _ = recv.stop(VarInt::from_u32(CODE_REFUSED));
+                                let _ = send.reset(VarInt::from_u32(CODE_REFUSED));
+                                continue;
+                            }
+                        },
+                    };
+                    tokio::spawn(serve_client_call(peer, send, recv, clients.clone(), permit));
+                }
+                Err(_) => return,
+            },
+        }
+    }
+}
+
 /// Delivers the frames of one unidirectional stream, in order.
 async fn read_frames(from: NodeId, mut recv: RecvStream, inbound: mpsc::UnboundedSender<Inbound>) {
     loop {
-        match read_frame(&mut recv).await {
+        match read_frame(&mut recv, MAX_FRAME_LEN).await {
             Ok(Some(frame)) => {
                 if inbound.send(Inbound::Frame { from, frame }).is_err() {
                     // The node is gone; nobody will read further frames.
@@ -536,21 +703,55 @@ async fn read_frames(from: NodeId, mut recv: RecvStream, inbound: mpsc::Unbounde
     }
 }
 
-/// Serves one call: reads the request, hands it to the node and writes the
-/// answer, or resets the stream if the node drops the call.
+/// Reads a call's request of at most `max_len` bytes; on failure refuses
+/// the stream in both directions.
+async fn read_request(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    max_len: usize,
+) -> Option<Vec<u8>> {
+    match read_frame(recv, max_len).await {
+        Ok(Some(request)) => Some(request),
+        failed => {
+            if let Err(ReadFailure::TooLarge(len)) = failed {
+                tracing::debug!(len, max_len, "refusing oversized request");
+            }
+            let _ = recv.stop(VarInt::from_u32(CODE_REFUSED));
+            let _ = send.reset(VarInt::from_u32(CODE_REFUSED));
+            None
+        }
+    }
+}
+
+/// Writes the node's answer to a call, or resets the stream if the node
+/// dropped the call.
+async fn answer(mut send: SendStream, response: oneshot::Receiver<Vec<u8>>) {
+    match response.await {
+        Ok(response) if response.len() <= MAX_FRAME_LEN => {
+            if write_frame(&mut send, &response).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        Ok(response) => {
+            tracing::warn!(len = response.len(), "refusing to send oversized response");
+            let _ = send.reset(VarInt::from_u32(CODE_REFUSED));
+        }
+        Err(_dropped) => {
+            let _ = send.reset(VarInt::from_u32(CODE_DROPPED));
+        }
+    }
+}
+
+/// Serves one call from a node: reads the request, hands it to the node and
+/// writes the answer, or resets the stream if the node drops the call.
 async fn serve_call(
     from: NodeId,
     mut send: SendStream,
     mut recv: RecvStream,
     inbound: mpsc::UnboundedSender<Inbound>,
 ) {
-    let request = match read_frame(&mut recv).await {
-        Ok(Some(request)) => request,
-        Ok(None) | Err(_) => {
-            let _ = recv.stop(VarInt::from_u32(CODE_REFUSED));
-            let _ = send.reset(VarInt::from_u32(CODE_REFUSED));
-            return;
-        }
+    let Some(request) = read_request(&mut send, &mut recv, MAX_FRAME_LEN).await else {
+        return;
     };
     let (reply, response) = oneshot::channel();
     if inbound
@@ -564,20 +765,49 @@ async fn serve_call(
         let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
         return;
     }
-    match response.await {
-        Ok(response) if response.len() <= MAX_FRAME_LEN => {
-            if write_frame(&mut send, &response).await.is_ok() {
-                let _ = send.finish();
+    answer(send, response).await;
+}
+
+/// Serves one call from a client. Anonymous callers get a smaller request
+/// limit and a deadline for sending it; `_permit` holds their call slot
+/// until the answer is written.
+async fn serve_client_call(
+    peer: ClientPeer,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    clients: mpsc::UnboundedSender<ClientCall>,
+    _permit: Option<OwnedSemaphorePermit>,
+) {
+    let request = match peer {
+        ClientPeer::Admin => read_request(&mut send, &mut recv, MAX_FRAME_LEN).await,
+        ClientPeer::Anonymous => {
+            let read = read_request(&mut send, &mut recv, MAX_ANONYMOUS_REQUEST_LEN);
+            match tokio::time::timeout(ANONYMOUS_REQUEST_TIMEOUT, read).await {
+                Ok(request) => request,
+                Err(_elapsed) => {
+                    let _ = recv.stop(VarInt::from_u32(CODE_REFUSED));
+                    let _ = send.reset(VarInt::from_u32(CODE_REFUSED));
+                    None
+                }
             }
         }
-        Ok(response) => {
-            tracing::warn!(%from, len = response.len(), "refusing to send oversized response");
-            let _ = send.reset(VarInt::from_u32(CODE_REFUSED));
-        }
-        Err(_dropped) => {
-            let _ = send.reset(VarInt::from_u32(CODE_DROPPED));
-        }
+    };
+    let Some(request) = request else {
+        return;
+    };
+    let (reply, response) = oneshot::channel();
+    if clients
+        .send(ClientCall {
+            peer,
+            request,
+            reply,
+        })
+        .is_err()
+    {
+        let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
+        return;
     }
+    answer(send, response).await;
 }
 
 /// A node's QUIC endpoint. Dropping it closes the endpoint and every
@@ -587,34 +817,51 @@ pub struct QuicTransport {
     local_addr: SocketAddr,
 }
 
-/// Binds a QUIC endpoint on `listen` with mutual TLS 1.3 (client
-/// certificates required and verified against the identity's CA set; ALPN
-/// [`ALPN`]) and starts accepting. `peers` gives the addresses to dial; they
-/// can be changed later with [`QuicTransport::set_peer_addr`]. Must be called
-/// within a tokio runtime.
+/// Binds a QUIC endpoint on `listen` with TLS 1.3 and starts accepting.
+/// Nodes (certificates naming a node, verified against the identity's CA
+/// set; ALPN [`ALPN`]) arrive on the [`InboundReceiver`]; admin and
+/// anonymous clients' calls on the [`ClientInboundReceiver`]. `peers` gives
+/// the addresses to dial; they can be changed later with
+/// [`QuicTransport::set_peer_addr`]. Must be called within a tokio runtime.
 pub async fn bind(
     me: NodeId,
     listen: SocketAddr,
     identity: TlsIdentity,
     peers: BTreeMap<NodeId, SocketAddr>,
-) -> Result<(Arc<QuicTransport>, InboundReceiver), QuicError> {
+) -> Result<(Arc<QuicTransport>, InboundReceiver, ClientInboundReceiver), QuicError> {
     let (server_config, client_config) = quic_configs(&identity)?;
-    let endpoint =
-        Endpoint::server(server_config, listen).map_err(|e| QuicError::Bind(e.to_string()))?;
+    let endpoint = Endpoint::server((*server_config).clone(), listen)
+        .map_err(|e| QuicError::Bind(e.to_string()))?;
     let local_addr = endpoint
         .local_addr()
         .map_err(|e| QuicError::Bind(e.to_string()))?;
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(accept_loop(endpoint.clone(), tx));
+    let tls = Arc::new(Mutex::new(Tls {
+        generation: 0,
+        server: server_config,
+        client: client_config,
+        conns: Vec::new(),
+    }));
+    let (nodes_tx, nodes_rx) = mpsc::unbounded_channel();
+    let (clients_tx, clients_rx) = mpsc::unbounded_channel();
+    let ctx = Arc::new(ServerCtx {
+        tls: tls.clone(),
+        nodes: nodes_tx,
+        clients: clients_tx,
+    });
+    tokio::spawn(accept_loop(endpoint.clone(), ctx));
     let inner = Arc::new(Inner {
         me,
         endpoint,
-        client_config,
+        tls,
         peer_addrs: Mutex::new(peers),
         links: Mutex::new(BTreeMap::new()),
         frame_queues: Mutex::new(BTreeMap::new()),
     });
-    Ok((Arc::new(QuicTransport { inner, local_addr }), rx))
+    Ok((
+        Arc::new(QuicTransport { inner, local_addr }),
+        nodes_rx,
+        clients_rx,
+    ))
 }
 
 impl QuicTransport {
@@ -629,6 +876,32 @@ impl QuicTransport {
     /// address does not apply to the new one.
     pub fn set_peer_addr(&self, node: NodeId, addr: SocketAddr) {
         lock(&self.inner.peer_addrs).insert(node, addr);
+    }
+
+    /// Swaps the node's TLS identity live (CA rotation): the new certificate
+    /// and trusted CA set apply to every handshake from now on, in both
+    /// directions, and every existing connection, outgoing and incoming, is
+    /// closed so that each peer re-handshakes under the new trust. Calls in
+    /// flight on those connections fail (`Dropped` or `Unreachable`); frames
+    /// being written are lost, as Raft allows. An unusable identity is
+    /// refused and the old one stays in force.
+    pub fn reload_identity(&self, identity: TlsIdentity) -> Result<(), QuicError> {
+        let (server, client) = quic_configs(&identity)?;
+        let stale = {
+            let mut tls = lock(&self.inner.tls);
+            self.inner
+                .endpoint
+                .set_server_config(Some((*server).clone()));
+            tls.generation += 1;
+            tls.server = server;
+            tls.client = client;
+            std::mem::take(&mut tls.conns)
+        };
+        tracing::info!(me = %self.inner.me, closing = stale.len(), "TLS identity reloaded");
+        for conn in stale {
+            conn.close(VarInt::from_u32(CODE_RELOADED), b"TLS identity changed");
+        }
+        Ok(())
     }
 }
 
@@ -677,7 +950,11 @@ impl Transport for QuicTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::pki::ClusterCa;
     use crate::io::transport::{spawn_echo, DEFAULT_CALL_TIMEOUT};
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+
+    type Bound = (Arc<QuicTransport>, InboundReceiver, ClientInboundReceiver);
 
     fn node(id: u64) -> NodeId {
         NodeId::new(id).expect("test node ids are non-zero")
@@ -689,13 +966,7 @@ mod tests {
 
     /// Binds nodes 1 and 2 with identities from `ca1` and `ca2`, each knowing
     /// the other's address.
-    async fn pair(
-        ca1: &ClusterCa,
-        ca2: &ClusterCa,
-    ) -> (
-        (Arc<QuicTransport>, InboundReceiver),
-        (Arc<QuicTransport>, InboundReceiver),
-    ) {
+    async fn pair(ca1: &ClusterCa, ca2: &ClusterCa) -> (Bound, Bound) {
         let one = bind(
             node(1),
             localhost(),
@@ -727,7 +998,7 @@ mod tests {
     #[tokio::test]
     async fn frames_arrive_in_order_from_the_certificate_node() {
         let ca = ClusterCa::generate().expect("ca");
-        let ((a, _rx_a), (_b, mut rx_b)) = pair(&ca, &ca).await;
+        let ((a, _rx_a, _), (_b, mut rx_b, _)) = pair(&ca, &ca).await;
         for i in 0..200u32 {
             a.send(node(2), i.to_be_bytes().to_vec());
         }
@@ -745,7 +1016,7 @@ mod tests {
     #[tokio::test]
     async fn call_round_trip_both_ways() {
         let ca = ClusterCa::generate().expect("ca");
-        let ((a, rx_a), (b, rx_b)) = pair(&ca, &ca).await;
+        let ((a, rx_a, _), (b, rx_b, _)) = pair(&ca, &ca).await;
         spawn_echo(rx_a);
         spawn_echo(rx_b);
         let response = a
@@ -764,7 +1035,7 @@ mod tests {
     #[tokio::test]
     async fn call_reports_the_certificate_node_as_caller() {
         let ca = ClusterCa::generate().expect("ca");
-        let ((a, _rx_a), (_b, mut rx_b)) = pair(&ca, &ca).await;
+        let ((a, _rx_a, _), (_b, mut rx_b, _)) = pair(&ca, &ca).await;
         let call = tokio::spawn(a.call(node(2), b"who".to_vec(), DEFAULT_CALL_TIMEOUT));
         match next(&mut rx_b).await {
             Inbound::Call {
@@ -784,7 +1055,7 @@ mod tests {
     #[tokio::test]
     async fn dropped_call_is_reported() {
         let ca = ClusterCa::generate().expect("ca");
-        let ((a, _rx_a), (_b, mut rx_b)) = pair(&ca, &ca).await;
+        let ((a, _rx_a, _), (_b, mut rx_b, _)) = pair(&ca, &ca).await;
         let call = tokio::spawn(a.call(node(2), b"x".to_vec(), DEFAULT_CALL_TIMEOUT));
         match next(&mut rx_b).await {
             Inbound::Call { reply, .. } => drop(reply),
@@ -799,7 +1070,7 @@ mod tests {
     #[tokio::test]
     async fn unanswered_call_times_out() {
         let ca = ClusterCa::generate().expect("ca");
-        let ((a, _rx_a), (_b, mut rx_b)) = pair(&ca, &ca).await;
+        let ((a, _rx_a, _), (_b, mut rx_b, _)) = pair(&ca, &ca).await;
         let call = tokio::spawn(a.call(node(2), b"slow".to_vec(), Duration::from_millis(500)));
         // Hold the reply without answering until the caller gave up.
         let held = next(&mut rx_b).await;
@@ -814,7 +1085,7 @@ mod tests {
     async fn node_from_another_ca_cannot_connect() {
         let ca = ClusterCa::generate().expect("ca");
         let rogue_ca = ClusterCa::generate().expect("rogue ca");
-        let ((a, mut rx_a), (b, mut rx_b)) = pair(&ca, &rogue_ca).await;
+        let ((a, mut rx_a, _), (b, mut rx_b, _)) = pair(&ca, &rogue_ca).await;
         let from_rogue = b
             .call(node(1), b"let me in".to_vec(), DEFAULT_CALL_TIMEOUT)
             .await;
@@ -835,7 +1106,7 @@ mod tests {
         // Node 3's address points at node 2: its certificate names node 2,
         // so the dial is refused rather than talking to the wrong node.
         let ca = ClusterCa::generate().expect("ca");
-        let ((a, _rx_a), (b, rx_b)) = pair(&ca, &ca).await;
+        let ((a, _rx_a, _), (b, rx_b, _)) = pair(&ca, &ca).await;
         spawn_echo(rx_b);
         a.set_peer_addr(node(3), b.local_addr());
         let response = a.call(node(3), b"x".to_vec(), DEFAULT_CALL_TIMEOUT).await;
@@ -845,7 +1116,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_peer_is_unreachable_and_oversized_is_refused() {
         let ca = ClusterCa::generate().expect("ca");
-        let ((a, _rx_a), _two) = pair(&ca, &ca).await;
+        let ((a, _rx_a, _), _two) = pair(&ca, &ca).await;
         let response = a.call(node(9), b"x".to_vec(), DEFAULT_CALL_TIMEOUT).await;
         assert_eq!(response, Err(TransportError::Unreachable(node(9))));
         let huge = vec![0u8; MAX_FRAME_LEN + 1];
@@ -861,12 +1132,12 @@ mod tests {
     #[tokio::test]
     async fn reconnects_to_a_restarted_peer_at_its_new_address() {
         let ca = ClusterCa::generate().expect("ca");
-        let ((a, _rx_a), (b, rx_b)) = pair(&ca, &ca).await;
+        let ((a, _rx_a, _), (b, rx_b, _)) = pair(&ca, &ca).await;
         spawn_echo(rx_b);
         let response = a.call(node(2), b"1".to_vec(), DEFAULT_CALL_TIMEOUT).await;
         assert_eq!(response, Ok(b"re:1".to_vec()));
         drop(b);
-        let (b, mut rx_b) = bind(
+        let (b, mut rx_b, _) = bind(
             node(2),
             localhost(),
             ca.issue_node(node(2)).expect("issue"),
@@ -897,7 +1168,7 @@ mod tests {
     #[tokio::test]
     async fn oversized_frame_on_the_wire_is_refused() {
         let ca = ClusterCa::generate().expect("ca");
-        let ((a, _rx_a), (_b, mut rx_b)) = pair(&ca, &ca).await;
+        let ((a, _rx_a, _), (_b, mut rx_b, _)) = pair(&ca, &ca).await;
         // Forge a stream announcing one byte more than the limit.
         let conn = a.inner.connection(node(2)).await.expect("connect");
         let mut forged = conn.open_uni().await.expect("open stream");
@@ -928,6 +1199,196 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn node_presenting_a_foreign_certificate_is_refused_by_the_server() {
+        // The rogue trusts the cluster's CA (so it accepts node 1 as server),
+        // but its own certificate comes from another CA.
+        let ca = ClusterCa::generate().expect("ca");
+        let rogue_ca = ClusterCa::generate().expect("rogue ca");
+        let (a, mut rx_a, mut clients_a) = bind(
+            node(1),
+            localhost(),
+            ca.issue_node(node(1)).expect("issue"),
+            BTreeMap::new(),
+        )
+        .await
+        .expect("bind 1");
+        let mut rogue_identity = rogue_ca.issue_node(node(2)).expect("issue");
+        rogue_identity.trusted_cas_der = vec![ca.cert_der()];
+        let (rogue, _rx, _clients) = bind(
+            node(2),
+            localhost(),
+            rogue_identity,
+            BTreeMap::from([(node(1), a.local_addr())]),
+        )
+        .await
+        .expect("bind rogue");
+        let response = rogue
+            .call(node(1), b"let me in".to_vec(), DEFAULT_CALL_TIMEOUT)
+            .await;
+        assert!(
+            matches!(
+                response,
+                Err(TransportError::Unreachable(_) | TransportError::Dropped(_))
+            ),
+            "{response:?}"
+        );
+        rogue.send(node(1), b"frame".to_vec());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(rx_a.try_recv().is_err(), "nothing reaches the node channel");
+        assert!(
+            clients_a.try_recv().is_err(),
+            "nothing reaches the client channel"
+        );
+    }
+
+    /// Calls until one succeeds or 10 s passed; returns the last result.
+    async fn call_eventually(
+        from: &QuicTransport,
+        to: NodeId,
+        request: &[u8],
+    ) -> Result<Vec<u8>, TransportError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let result = from.call(to, request.to_vec(), DEFAULT_CALL_TIMEOUT).await;
+            if result.is_ok() || Instant::now() >= deadline {
+                return result;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `ca`'s certificate for `node`, trusting `trusted`.
+    fn identity(ca: &ClusterCa, node_id: NodeId, trusted: &[&ClusterCa]) -> TlsIdentity {
+        let mut identity = ca.issue_node(node_id).expect("issue");
+        identity.trusted_cas_der = trusted.iter().map(|ca| ca.cert_der()).collect();
+        identity
+    }
+
+    #[tokio::test]
+    async fn ca_rotation_by_reloading_identities() {
+        let ca1 = ClusterCa::generate().expect("ca1");
+        let ca2 = ClusterCa::generate().expect("ca2");
+        let ((a, rx_a, _), (b, rx_b, _)) = pair(&ca1, &ca1).await;
+        spawn_echo(rx_a);
+        spawn_echo(rx_b);
+        assert_eq!(
+            a.call(node(2), b"1".to_vec(), DEFAULT_CALL_TIMEOUT).await,
+            Ok(b"re:1".to_vec())
+        );
+        assert_eq!(
+            b.call(node(1), b"2".to_vec(), DEFAULT_CALL_TIMEOUT).await,
+            Ok(b"re:2".to_vec())
+        );
+
+        // Stage CA2: both trust {CA1, CA2}; node 1 already presents a CA2 cert.
+        b.reload_identity(identity(&ca1, node(2), &[&ca1, &ca2]))
+            .expect("stage 2");
+        a.reload_identity(identity(&ca2, node(1), &[&ca1, &ca2]))
+            .expect("stage 1");
+        assert_eq!(
+            call_eventually(&a, node(2), b"3").await,
+            Ok(b"re:3".to_vec())
+        );
+        assert_eq!(
+            call_eventually(&b, node(1), b"4").await,
+            Ok(b"re:4".to_vec())
+        );
+
+        // Node 3, with a CA1 certificate and the staged trust, talks to node 1.
+        let (c, _rx_c, _) = bind(
+            node(3),
+            localhost(),
+            identity(&ca1, node(3), &[&ca1, &ca2]),
+            BTreeMap::from([(node(1), a.local_addr())]),
+        )
+        .await
+        .expect("bind 3");
+        assert_eq!(
+            c.call(node(1), b"5".to_vec(), DEFAULT_CALL_TIMEOUT).await,
+            Ok(b"re:5".to_vec())
+        );
+
+        // Finalize: both trust only CA2 and present CA2 certificates.
+        a.reload_identity(identity(&ca2, node(1), &[&ca2]))
+            .expect("finalize 1");
+        b.reload_identity(identity(&ca2, node(2), &[&ca2]))
+            .expect("finalize 2");
+        assert_eq!(
+            call_eventually(&a, node(2), b"6").await,
+            Ok(b"re:6".to_vec())
+        );
+        assert_eq!(
+            call_eventually(&b, node(1), b"7").await,
+            Ok(b"re:7".to_vec())
+        );
+
+        // Node 3 still holds only a CA1 certificate: its existing connection
+        // was closed, and it cannot make a new one, in either direction.
+        let refused = c.call(node(1), b"8".to_vec(), DEFAULT_CALL_TIMEOUT).await;
+        assert!(refused.is_err(), "{refused:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            c.call(node(1), b"9".to_vec(), DEFAULT_CALL_TIMEOUT).await,
+            Err(TransportError::Unreachable(node(1)))
+        );
+        a.set_peer_addr(node(3), c.local_addr());
+        assert_eq!(
+            a.call(node(3), b"10".to_vec(), DEFAULT_CALL_TIMEOUT).await,
+            Err(TransportError::Unreachable(node(3)))
+        );
+    }
+
+    #[tokio::test]
+    async fn unusable_identity_is_refused_and_the_old_one_kept() {
+        let ca = ClusterCa::generate().expect("ca");
+        let ((a, _rx_a, _), (_b, rx_b, _)) = pair(&ca, &ca).await;
+        spawn_echo(rx_b);
+        let mut no_trust = ca.issue_node(node(1)).expect("issue");
+        no_trust.trusted_cas_der.clear();
+        assert!(matches!(
+            a.reload_identity(no_trust),
+            Err(QuicError::Tls(_))
+        ));
+        let mut bad_key = ca.issue_node(node(1)).expect("issue");
+        bad_key.key_der = b"not a key".to_vec();
+        assert!(matches!(a.reload_identity(bad_key), Err(QuicError::Tls(_))));
+        assert_eq!(
+            a.call(node(2), b"x".to_vec(), DEFAULT_CALL_TIMEOUT).await,
+            Ok(b"re:x".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn garbage_datagrams_do_not_disturb_the_endpoint() {
+        let ca = ClusterCa::generate().expect("ca");
+        let ((a, _rx_a, _), (b, rx_b, _)) = pair(&ca, &ca).await;
+        spawn_echo(rx_b);
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(42);
+        for i in 0..2000u32 {
+            let len = 1 + usize::try_from(rng.next_u32() % 1500).expect("fits");
+            let mut datagram = vec![0u8; len];
+            rng.fill_bytes(&mut datagram);
+            // A third look like QUIC v1 long-header Initial packets, padded
+            // to the size a server considers.
+            if i % 3 == 0 {
+                datagram.resize(1200.max(len), 0);
+                datagram[0] = 0xc0 | (datagram[0] & 0x0f);
+                datagram[1..5].copy_from_slice(&1u32.to_be_bytes());
+                datagram[5] = 8;
+            }
+            socket
+                .send_to(&datagram, b.local_addr())
+                .expect("send datagram");
+        }
+        assert_eq!(
+            a.call(node(2), b"still here?".to_vec(), DEFAULT_CALL_TIMEOUT)
+                .await,
+            Ok(b"re:still here?".to_vec())
+        );
+    }
+
     #[test]
     fn certificate_names_its_node() {
         let ca = ClusterCa::generate().expect("ca");
@@ -947,17 +1408,5 @@ mod tests {
         assert_eq!(parse_node_name(b"node-.keel"), None);
         assert_eq!(parse_node_name(b"node-7.keel.evil"), None);
         assert_eq!(parse_node_name(b"node-99999999999999999999.keel"), None);
-    }
-
-    #[test]
-    fn tls_identity_debug_hides_the_key() {
-        let identity = TlsIdentity {
-            cert_chain_der: vec![],
-            key_der: vec![0xAB; 4],
-            trusted_cas_der: vec![],
-        };
-        let shown = format!("{identity:?}");
-        assert!(shown.contains("<redacted>"));
-        assert!(!shown.contains("171"));
     }
 }

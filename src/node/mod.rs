@@ -7,9 +7,11 @@
 //! forwarded to the leader the node knows (following redirects), so a
 //! client may talk to any node.
 
+pub mod join;
 pub mod membership;
 pub mod rpc;
 mod runtime;
+pub mod service;
 
 use crate::core::cache::{Bootstrap, MetadataState};
 use crate::core::codec;
@@ -17,6 +19,7 @@ use crate::core::entry::MetadataEntry;
 use crate::core::hlc::DEFAULT_MAX_CLOCK_OFFSET_MS;
 use crate::core::hooks::MetadataHooks;
 use crate::core::ids::{GroupId, NodeId, VShardId};
+use crate::io::clock::WallClock;
 use crate::io::transport::{Transport, TransportError};
 use crate::io::NodeIo;
 use crate::raft::engine::EngineConfig;
@@ -38,6 +41,10 @@ pub struct NodeConfig {
     pub max_clock_offset_ms: u64,
     /// How long a proposal or read may take, redirects included.
     pub request_timeout: Duration,
+    /// A join token stays `InFlight` at most this long (by the group-0
+    /// leader's clock) before the dead-man timer reverts it to `Issued`:
+    /// the joiner or the node admitting it vanished mid-join (DESIGN.md §6).
+    pub join_dead_man: Duration,
 }
 
 impl NodeConfig {
@@ -48,6 +55,7 @@ impl NodeConfig {
             tick_interval: Duration::from_millis(100),
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
             request_timeout: Duration::from_secs(5),
+            join_dead_man: Duration::from_secs(30),
         }
     }
 }
@@ -58,6 +66,7 @@ pub struct Node {
     id: NodeId,
     commands: mpsc::UnboundedSender<Command>,
     transport: Arc<dyn Transport>,
+    clock: Arc<dyn WallClock>,
     request_timeout: Duration,
 }
 
@@ -76,6 +85,7 @@ pub fn start(
         id: config.node_id,
         commands: tx,
         transport: Arc::clone(&io.transport),
+        clock: Arc::clone(&io.clock),
         request_timeout: config.request_timeout,
     };
     let runtime = Runtime::open(config, io, bootstrap, factory, hooks, rx)?;
@@ -89,6 +99,22 @@ const RETRY_PAUSE: Duration = Duration::from_millis(20);
 impl Node {
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// The node's wall clock, in milliseconds: the time services stamp on
+    /// the entries they propose (token transitions).
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// 32 bytes from the node's rng (secrets such as join tokens): the io
+    /// layer's seeded generator, so simulations stay reproducible.
+    pub async fn entropy(&self) -> Result<[u8; 32], NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Entropy { reply: tx })
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await.map_err(|_| NodeError::Stopped)
     }
 
     async fn local<T>(
@@ -259,11 +285,32 @@ impl Node {
         .await
     }
 
-    /// The metadata state, read linearizably on this node if it leads group 0.
+    /// The metadata state, read linearizably at the group-0 leader.
     pub async fn metadata(&self) -> Result<MetadataState, NodeError> {
-        self.local(|reply| Command::ReadMetadata { reply })
-            .await
+        self.with_redirects(
+            |_| Request::ReadMetadata,
+            |reply| Command::ReadMetadata { reply },
+            |r| match r {
+                Response::Metadata(state) => Some(state),
+                _ => None,
+            },
+        )
+        .await
+        .map(|state| *state)
+    }
+
+    /// This node's own, possibly stale, copy of the metadata state (no
+    /// leader involved): addresses, the trust set and pre-checks that the
+    /// committed log re-validates anyway.
+    pub async fn metadata_local(&self) -> Result<MetadataState, NodeError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::ReadMetadataLocal { reply: tx })
+            .map_err(|_| NodeError::Stopped)?;
+        rx.await
+            .map_err(|_| NodeError::Stopped)?
             .map(|state| *state)
+            .ok_or(NodeError::NoMetadata)
     }
 
     pub async fn status(&self) -> Result<NodeStatus, NodeError> {

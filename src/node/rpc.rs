@@ -2,7 +2,7 @@
 //! [`Request`] or [`Response`] inside the codec envelope; a node decodes and
 //! validates each one, and answers a malformed call with an error.
 
-use crate::core::cache::RejectReason;
+use crate::core::cache::{MetadataState, RejectReason};
 use crate::core::codec::{FrameKind, Wire};
 use crate::core::entry::MetadataEntry;
 use crate::core::hlc::Hlc;
@@ -39,6 +39,9 @@ pub enum Request {
         vshard: VShardId,
         query: Vec<u8>,
     },
+    /// A linearizable read of the metadata state (forwarded to the group-0
+    /// leader).
+    ReadMetadata,
     Status,
 }
 
@@ -126,6 +129,7 @@ pub enum NodeError {
 pub enum Response {
     Committed(Committed),
     Read(Vec<u8>),
+    Metadata(Box<MetadataState>),
     Status(NodeStatus),
     /// A snapshot frame was received and stepped.
     Ack,

@@ -70,6 +70,12 @@ pub(crate) enum Command {
     ReadMetadata {
         reply: oneshot::Sender<Result<Box<crate::core::cache::MetadataState>, NodeError>>,
     },
+    ReadMetadataLocal {
+        reply: oneshot::Sender<Option<Box<crate::core::cache::MetadataState>>>,
+    },
+    Entropy {
+        reply: oneshot::Sender<[u8; 32]>,
+    },
     Status {
         reply: oneshot::Sender<NodeStatus>,
     },
@@ -463,6 +469,15 @@ impl Runtime {
             Command::ReadMetadata { reply } => {
                 self.start_read(GroupId::METADATA, None, ReadReply::Metadata(reply));
             }
+            Command::ReadMetadataLocal { reply } => {
+                let state = self.metadata.as_ref().map(|c| Box::new(c.state().clone()));
+                let _ = reply.send(state);
+            }
+            Command::Entropy { reply } => {
+                let mut bytes = [0u8; 32];
+                self.rng.fill_bytes(&mut bytes);
+                let _ = reply.send(bytes);
+            }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -604,6 +619,11 @@ impl Runtime {
                     reply: tx,
                 });
                 answer_later(rx, reply, Response::Read);
+            }
+            Request::ReadMetadata => {
+                let (tx, rx) = oneshot::channel();
+                self.on_command(Command::ReadMetadata { reply: tx });
+                answer_later(rx, reply, Response::Metadata);
             }
             Request::Status => {
                 let _ = reply.send(codec::encode(&Response::Status(self.status())));
@@ -899,7 +919,10 @@ impl Runtime {
         self.topology_inflight
             .retain_mut(|rx| matches!(rx.try_recv(), Err(oneshot::error::TryRecvError::Empty)));
         let topology_steps = if metadata_leader && self.topology_inflight.is_empty() {
-            self.topology_steps()
+            let mut steps = self.topology_steps();
+            steps.extend(self.placement_steps());
+            steps.extend(self.token_steps());
+            steps
         } else {
             Vec::new()
         };
@@ -1019,6 +1042,69 @@ impl Runtime {
         steps
             .into_iter()
             .map(MetadataEntry::TopologyChange)
+            .collect()
+    }
+
+    /// On the group-0 leader: add a replica to each data group below the
+    /// replication factor, as a learner promoted in the same entry (the
+    /// membership reconciler adds it to Raft as a learner first anyway).
+    fn placement_steps(&self) -> Vec<MetadataEntry> {
+        use crate::core::routing::RoutingChange;
+        let Some(cache) = &self.metadata else {
+            return Vec::new();
+        };
+        let state = cache.state();
+        let rf = usize::try_from(state.replication_factor).unwrap_or(usize::MAX);
+        crate::core::placement::next_replicas(&state.topology, &state.routing, rf)
+            .into_iter()
+            .map(|(group_id, node_id)| {
+                crate::probe!("placement.replica_added");
+                MetadataEntry::Batch {
+                    entries: crate::core::entry::BatchEntries(vec![
+                        MetadataEntry::RoutingChange(RoutingChange::AddLearner {
+                            group_id,
+                            node_id,
+                        }),
+                        MetadataEntry::RoutingChange(RoutingChange::PromoteLearner {
+                            group_id,
+                            node_id,
+                        }),
+                    ]),
+                }
+            })
+            .collect()
+    }
+
+    /// On the group-0 leader: expire tokens past their expiry, and revert
+    /// tokens stuck `InFlight` past the dead-man timer so that a join
+    /// interrupted by a crash does not burn the token.
+    fn token_steps(&self) -> Vec<MetadataEntry> {
+        use crate::core::token::{JoinTokenTransitionKind, TokenState};
+        let Some(cache) = &self.metadata else {
+            return Vec::new();
+        };
+        let now = self.clock.now_ms();
+        let dead_man_ms = u64::try_from(self.config.join_dead_man.as_millis()).unwrap_or(u64::MAX);
+        let step = |token_hash, transition| MetadataEntry::JoinTokenTransition {
+            token_hash,
+            transition,
+            ts_ms: now,
+        };
+        cache
+            .state()
+            .tokens
+            .iter()
+            .filter_map(|(hash, record)| match record.state {
+                TokenState::Issued | TokenState::InFlight if now >= record.expires_at_ms => {
+                    crate::probe!("token.expired");
+                    Some(step(*hash, JoinTokenTransitionKind::Expire))
+                }
+                TokenState::InFlight if now >= record.updated_at_ms.saturating_add(dead_man_ms) => {
+                    crate::probe!("token.dead_man_revert");
+                    Some(step(*hash, JoinTokenTransitionKind::Revert))
+                }
+                _ => None,
+            })
             .collect()
     }
 

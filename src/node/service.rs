@@ -1,0 +1,426 @@
+//! The client-facing service of a node: what the CLI, benchmarks, embedding
+//! hosts and joining nodes ask of it (DESIGN.md §9).
+//!
+//! Node-to-node traffic (Raft, forwarded proposals) goes to the runtime;
+//! everything a *client* sends arrives here, already authenticated by the
+//! transport as either an admin (a client certificate from the cluster CA)
+//! or anonymous (a joiner, which has no certificate yet and may only ask to
+//! join). Each request is decoded and validated here, then carried out
+//! through the [`Node`] handle, so the same code serves QUIC clients in
+//! production and the simulator's clients.
+
+use crate::core::cache::fingerprint;
+use crate::core::codec::{self, FrameKind, Wire};
+use crate::core::entry::{BatchEntries, CertFingerprint, MetadataEntry};
+use crate::core::ids::VShardId;
+use crate::core::kv::{KvCommand, KvQuery, KvResponse};
+use crate::core::token::{JoinToken, JoinTokenTransitionKind};
+use crate::node::join::{admit, Issuer, JoinError, JoinGrant, JoinRequest};
+use crate::node::rpc::{NodeError, NodeStatus, Outcome};
+use crate::node::Node;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The longest a join token may live: a day, as kubeadm's default.
+pub const MAX_TOKEN_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Hex digits of a token's id: a prefix of its hash, safe to print and log.
+pub const TOKEN_ID_LEN: usize = 16;
+
+/// How long staging a CA waits for the trust change to reach this node.
+const STAGE_APPLY_WAIT: Duration = Duration::from_secs(10);
+
+/// Who is calling, as the transport authenticated it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    /// Presented an admin certificate signed by a trusted CA.
+    Admin,
+    /// Presented no certificate: a joiner, which may only join.
+    Anonymous,
+}
+
+/// The node's TLS state as the service needs it. Production keeps it in
+/// files and the QUIC endpoint; the simulator keeps a stand-in.
+pub trait Credentials: Send + Sync {
+    /// The CA that signs joiners' certificates now.
+    fn issuer(&self) -> Arc<dyn Issuer>;
+    /// The fingerprint of the CA that signed this node's own certificate.
+    fn cert_ca(&self) -> CertFingerprint;
+    /// Adopts a staged CA: signs joiners with it from now on, reissues this
+    /// node's certificate under it, and trusts `trusted` (which includes it).
+    fn install_ca(
+        &self,
+        cert_der: &[u8],
+        key_der: &[u8],
+        trusted: Vec<Vec<u8>>,
+    ) -> Result<(), String>;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientRequest {
+    /// Join the cluster (the only request an anonymous caller may make).
+    Join(JoinRequest),
+    /// This node's view of the cluster.
+    Status,
+    /// Issue a join token valid for `ttl_ms`.
+    IssueToken { ttl_ms: u64 },
+    /// Revoke a token by its id (see [`token_id`]) or its full string.
+    RevokeToken { token: String },
+    /// A write on the built-in key-value state machine.
+    Kv(KvCommand),
+    /// A read on the built-in key-value state machine; linearizable unless
+    /// the caller accepts this node's possibly stale replica.
+    Get { key: Vec<u8>, linearizable: bool },
+    /// CA rotation, step 1 (once per node): trust the new CA cluster-wide
+    /// and adopt it on this node.
+    StageCa { cert_der: Vec<u8>, key_der: Vec<u8> },
+    /// CA rotation, step 2: trust only `keep`, once every node's
+    /// certificate is signed by it.
+    FinalizeCa { keep: CertFingerprint },
+}
+
+impl Wire for ClientRequest {
+    const KIND: FrameKind = FrameKind::Rpc;
+}
+
+/// One node of the topology, as `keel status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    pub node: crate::core::ids::NodeId,
+    pub addr: String,
+    pub state: String,
+}
+
+/// A node's view of the cluster, from its own replica of group 0.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub cluster_id: [u8; 16],
+    pub nodes: Vec<NodeSummary>,
+    pub routing_epoch: u64,
+    pub trusted_cas: Vec<CertFingerprint>,
+    /// The CA that signed this node's certificate.
+    pub cert_ca: CertFingerprint,
+    /// Join tokens that can still be used (`Issued` or `InFlight`).
+    pub live_tokens: usize,
+    pub migrations: usize,
+    pub rejected_entries: u64,
+    /// This node's own groups: leaders, terms, indexes, failures.
+    pub local: NodeStatus,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientResponse {
+    Joined(JoinGrant),
+    Status(Box<ClusterStatus>),
+    Token {
+        token: String,
+        id: String,
+        expires_at_ms: u64,
+    },
+    Kv(KvResponse),
+    Done,
+    Error(ServiceError),
+}
+
+impl Wire for ClientResponse {
+    const KIND: FrameKind = FrameKind::Rpc;
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ServiceError {
+    #[error("this request needs an admin certificate; a caller without one may only join")]
+    Forbidden,
+    #[error("the join was refused: {0}")]
+    Join(JoinError),
+    #[error(transparent)]
+    Node(NodeError),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("CA rotation step refused: {0}")]
+    Ca(String),
+}
+
+impl From<NodeError> for ServiceError {
+    fn from(e: NodeError) -> Self {
+        ServiceError::Node(e)
+    }
+}
+
+/// The printable id of a token: the first [`TOKEN_ID_LEN`] hex digits of
+/// its hash (the raw token never enters the log, so neither does its id's
+/// preimage).
+pub fn token_id(hash: &[u8; 32]) -> String {
+    hash.iter()
+        .take(TOKEN_ID_LEN / 2)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Serves one encoded client request; answers with an encoded response.
+pub async fn serve(
+    node: &Node,
+    credentials: &dyn Credentials,
+    caller: Caller,
+    request: &[u8],
+) -> Vec<u8> {
+    let response = match codec::decode::<ClientRequest>(request) {
+        Ok(request) => handle(node, credentials, caller, request)
+            .await
+            .unwrap_or_else(ClientResponse::Error),
+        Err(e) => ClientResponse::Error(ServiceError::BadRequest(e.to_string())),
+    };
+    codec::encode(&response)
+}
+
+async fn handle(
+    node: &Node,
+    credentials: &dyn Credentials,
+    caller: Caller,
+    request: ClientRequest,
+) -> Result<ClientResponse, ServiceError> {
+    if caller != Caller::Admin && !matches!(request, ClientRequest::Join(_)) {
+        return Err(ServiceError::Forbidden);
+    }
+    match request {
+        ClientRequest::Join(join) => {
+            let issuer = credentials.issuer();
+            admit(node, &*issuer, &join)
+                .await
+                .map(ClientResponse::Joined)
+                .map_err(ServiceError::Join)
+        }
+        ClientRequest::Status => status(node, credentials).await,
+        ClientRequest::IssueToken { ttl_ms } => issue_token(node, credentials, ttl_ms).await,
+        ClientRequest::RevokeToken { token } => revoke_token(node, &token).await,
+        ClientRequest::Kv(command) => {
+            let vshard = command.vshard();
+            let committed = node.propose(vshard, codec::encode(&command)).await?;
+            match committed.outcome {
+                Outcome::Data(bytes) => kv_response(&bytes),
+                Outcome::Metadata(_) => Err(ServiceError::BadRequest(
+                    "a key-value write committed to group 0".into(),
+                )),
+            }
+        }
+        ClientRequest::Get { key, linearizable } => {
+            let vshard = VShardId::for_key(&key);
+            let query = codec::encode(&KvQuery::Get { key });
+            let bytes = if linearizable {
+                node.read(vshard, query).await?
+            } else {
+                node.read_stale(vshard, query).await?
+            };
+            kv_response(&bytes)
+        }
+        ClientRequest::StageCa { cert_der, key_der } => {
+            stage_ca(node, credentials, cert_der, key_der).await
+        }
+        ClientRequest::FinalizeCa { keep } => finalize_ca(node, credentials, keep).await,
+    }
+}
+
+fn kv_response(bytes: &[u8]) -> Result<ClientResponse, ServiceError> {
+    codec::decode::<KvResponse>(bytes)
+        .map(ClientResponse::Kv)
+        .map_err(|e| ServiceError::BadRequest(format!("undecodable state machine answer: {e}")))
+}
+
+async fn status(
+    node: &Node,
+    credentials: &dyn Credentials,
+) -> Result<ClientResponse, ServiceError> {
+    let state = node.metadata_local().await?;
+    let local = node.status().await?;
+    Ok(ClientResponse::Status(Box::new(ClusterStatus {
+        cluster_id: state.cluster_id,
+        nodes: state
+            .topology
+            .nodes()
+            .map(|(node, info)| NodeSummary {
+                node,
+                addr: info.addr.clone(),
+                state: info.state.to_string(),
+            })
+            .collect(),
+        routing_epoch: state.routing.epoch(),
+        trusted_cas: state.ca_trust.keys().copied().collect(),
+        cert_ca: credentials.cert_ca(),
+        live_tokens: state
+            .tokens
+            .iter()
+            .filter(|(_, r)| !r.state.is_terminal())
+            .count(),
+        migrations: state.migrations.len(),
+        rejected_entries: state.rejected_total,
+        local,
+    })))
+}
+
+/// Commits a fresh token's `Register`; the secret comes from the node's rng.
+async fn issue_token(
+    node: &Node,
+    credentials: &dyn Credentials,
+    ttl_ms: u64,
+) -> Result<ClientResponse, ServiceError> {
+    if ttl_ms == 0 || ttl_ms > MAX_TOKEN_TTL_MS {
+        return Err(ServiceError::BadRequest(format!(
+            "a token's time to live must be between 1 ms and {MAX_TOKEN_TTL_MS} ms (24 h), not {ttl_ms} ms"
+        )));
+    }
+    let now = node.now_ms();
+    let token = JoinToken {
+        ca_fingerprint: credentials.issuer().fingerprint(),
+        secret: node.entropy().await?,
+        expires_at_ms: now.saturating_add(ttl_ms),
+    };
+    let hash = token.hash();
+    let committed = node
+        .propose_metadata(MetadataEntry::JoinTokenTransition {
+            token_hash: hash,
+            transition: JoinTokenTransitionKind::Register {
+                expires_at_ms: token.expires_at_ms,
+            },
+            ts_ms: now,
+        })
+        .await?;
+    if let Outcome::Metadata(Some(reason)) = committed.outcome {
+        return Err(ServiceError::BadRequest(reason.to_string()));
+    }
+    Ok(ClientResponse::Token {
+        token: token.encode(),
+        id: token_id(&hash),
+        expires_at_ms: token.expires_at_ms,
+    })
+}
+
+/// Aborts a token named by its full string or a unique prefix of its id.
+async fn revoke_token(node: &Node, token: &str) -> Result<ClientResponse, ServiceError> {
+    let token = token.trim();
+    let hash = if token.starts_with(crate::core::token::TOKEN_PREFIX) {
+        JoinToken::parse(token)
+            .map_err(|e| ServiceError::BadRequest(e.to_string()))?
+            .hash()
+    } else {
+        if token.len() < 8 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ServiceError::BadRequest(
+                "name the token by its full string or by at least 8 hex digits of its id".into(),
+            ));
+        }
+        let prefix = token.to_ascii_lowercase();
+        let state = node.metadata().await?;
+        let matches: Vec<[u8; 32]> = state
+            .tokens
+            .iter()
+            .filter(|(hash, _)| hex(hash.as_slice()).starts_with(&prefix))
+            .map(|(hash, _)| *hash)
+            .collect();
+        match matches.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(ServiceError::BadRequest(format!(
+                    "no token has an id starting with {prefix}"
+                )))
+            }
+            _ => {
+                return Err(ServiceError::BadRequest(format!(
+                    "several tokens have ids starting with {prefix}; give more digits"
+                )))
+            }
+        }
+    };
+    let committed = node
+        .propose_metadata(MetadataEntry::JoinTokenTransition {
+            token_hash: hash,
+            transition: JoinTokenTransitionKind::Abort,
+            ts_ms: node.now_ms(),
+        })
+        .await?;
+    match committed.outcome {
+        Outcome::Metadata(Some(reason)) => Err(ServiceError::BadRequest(reason.to_string())),
+        _ => Ok(ClientResponse::Done),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Stages a new CA on this node: commits the trust change (a no-op if an
+/// earlier call on another node already did), waits until this node's own
+/// replica trusts it, then adopts it here.
+async fn stage_ca(
+    node: &Node,
+    credentials: &dyn Credentials,
+    cert_der: Vec<u8>,
+    key_der: Vec<u8>,
+) -> Result<ClientResponse, ServiceError> {
+    let fp = fingerprint(&cert_der);
+    let committed = node
+        .propose_metadata(MetadataEntry::CaTrustChange {
+            add_ca_cert: Some(cert_der.clone()),
+            remove_ca_fingerprint: None,
+        })
+        .await?;
+    if let Outcome::Metadata(Some(reason)) = committed.outcome {
+        return Err(ServiceError::Ca(reason.to_string()));
+    }
+    let deadline = tokio::time::Instant::now() + STAGE_APPLY_WAIT;
+    let trusted = loop {
+        let state = node.metadata_local().await?;
+        if state.ca_trust.contains_key(&fp) {
+            break state.ca_trust.into_values().collect::<Vec<_>>();
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ServiceError::Ca(
+                "the trust change committed but has not reached this node yet; retry".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    credentials
+        .install_ca(&cert_der, &key_der, trusted)
+        .map_err(ServiceError::Ca)?;
+    Ok(ClientResponse::Done)
+}
+
+/// Removes every trusted CA but `keep`, in one all-or-nothing batch.
+async fn finalize_ca(
+    node: &Node,
+    credentials: &dyn Credentials,
+    keep: CertFingerprint,
+) -> Result<ClientResponse, ServiceError> {
+    if credentials.cert_ca() != keep {
+        return Err(ServiceError::Ca(
+            "this node's own certificate is not signed by the CA to keep; stage it here first"
+                .into(),
+        ));
+    }
+    let state = node.metadata().await?;
+    if !state.ca_trust.contains_key(&keep) {
+        return Err(ServiceError::Ca(
+            "the CA to keep is not trusted by the cluster; stage it first".into(),
+        ));
+    }
+    let removals: Vec<MetadataEntry> = state
+        .ca_trust
+        .keys()
+        .filter(|fp| **fp != keep)
+        .map(|fp| MetadataEntry::CaTrustChange {
+            add_ca_cert: None,
+            remove_ca_fingerprint: Some(*fp),
+        })
+        .collect();
+    if removals.is_empty() {
+        return Ok(ClientResponse::Done);
+    }
+    let committed = node
+        .propose_metadata(MetadataEntry::Batch {
+            entries: BatchEntries(removals),
+        })
+        .await?;
+    match committed.outcome {
+        Outcome::Metadata(Some(reason)) => Err(ServiceError::Ca(reason.to_string())),
+        _ => Ok(ClientResponse::Done),
+    }
+}
