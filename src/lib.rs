@@ -22,7 +22,11 @@ macro_rules! probe {
     };
 }
 
+#[cfg(not(madsim))]
+pub mod cli;
 pub mod core;
+#[cfg(not(madsim))]
+pub mod daemon;
 pub mod io;
 pub mod node;
 pub mod planted;

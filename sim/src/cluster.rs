@@ -5,6 +5,7 @@
 //! injected — then heals everything and checks liveness and safety.
 
 use crate::clock::SkewedClock;
+use crate::credentials::{SimCredentials, SIM_CA};
 use crate::disk::{DiskFaults, SimDisk};
 use crate::history::{History, Op, Outcome as HistoryOutcome};
 use crate::net::{self, NetControl, NetFaults};
@@ -16,10 +17,11 @@ use keel::core::hlc::Hlc;
 use keel::core::ids::{DescriptorId, GroupId, NodeId, VShardId};
 use keel::core::kv::{KvCommand, KvQuery, KvResponse, KvStateMachine};
 use keel::core::lease::DescriptorLease;
-use keel::core::token::JoinTokenTransitionKind;
-use keel::core::topology::TopologyChange;
+use keel::core::token::{JoinToken, JoinTokenTransitionKind};
 use keel::io::{seeded_rng, NodeIo};
+use keel::node::join::JoinRequest;
 use keel::node::rpc::{NodeError, Outcome};
+use keel::node::service::{serve, Caller, ClientRequest, ClientResponse};
 use keel::node::{start, MachineFactory, Node, NodeConfig};
 use madsim::runtime::{Handle, NodeHandle};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -214,14 +216,7 @@ impl SimCluster {
             .await?;
         let admin = self.node(n(1)).ok_or("node 1 did not start")?;
         for id in (2..=self.swarm.nodes).map(n) {
-            let entry = MetadataEntry::TopologyChange(TopologyChange::Join {
-                node_id: id,
-                addr: net::node_addr(id).to_string(),
-            });
-            admin
-                .propose_metadata(entry)
-                .await
-                .map_err(|e| format!("join of {id} failed: {e}"))?;
+            self.admit(&admin, id).await?;
         }
         let voters = self.swarm.nodes.min(keel::node::MAX_METADATA_VOTERS as u64) as usize;
         self.until(
@@ -241,6 +236,39 @@ impl SimCluster {
         .await?;
         self.log(format!("formed: {} nodes", self.swarm.nodes));
         Ok(())
+    }
+
+    /// Admits node `id` the way an operator joins a node: a token issued
+    /// through the client service, then presented by the joiner, which must
+    /// be granted exactly the id of the machine waiting for it.
+    async fn admit(&self, via: &Node, id: NodeId) -> Result<(), String> {
+        let call = |caller, request: &ClientRequest| {
+            let bytes = codec::encode(request);
+            async move {
+                let answer = serve(via, &SimCredentials, caller, &bytes).await;
+                codec::decode::<ClientResponse>(&answer)
+                    .map_err(|e| format!("undecodable service answer: {e}"))
+            }
+        };
+        let token = match call(Caller::Admin, &ClientRequest::IssueToken { ttl_ms: 60_000 }).await?
+        {
+            ClientResponse::Token { token, .. } => token,
+            other => return Err(format!("issuing a token for {id}: {other:?}")),
+        };
+        let join = ClientRequest::Join(JoinRequest {
+            token: token.clone(),
+            csr_der: format!("csr of {id}").into_bytes(),
+            addr: net::node_addr(id).to_string(),
+        });
+        match call(Caller::Anonymous, &join).await? {
+            ClientResponse::Joined(grant) if grant.node_id == id => {
+                *lock(&self.consumed)
+                    .entry(JoinToken::parse(&token).map_err(|e| e.to_string())?.hash())
+                    .or_default() += 1;
+                Ok(())
+            }
+            other => Err(format!("seed {}: join of {id}: {other:?}", self.swarm.seed)),
+        }
     }
 
     /// The chaos phase: clients run their operations while faults strike.
@@ -578,8 +606,8 @@ fn node_main(
                 node_id: id,
                 addr: net::node_addr(id).to_string(),
                 data_groups: swarm.data_groups,
-                replication_factor: 1,
-                ca_cert_der: b"simulated cluster CA".to_vec(),
+                replication_factor: swarm.replication_factor,
+                ca_cert_der: SIM_CA.to_vec(),
             });
             let factory: MachineFactory = Arc::new(|_| Box::new(KvStateMachine::new()));
             match start(config, io, bootstrap, factory, Box::new(())) {

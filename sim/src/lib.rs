@@ -10,6 +10,7 @@
 //! [`runner`] is the `keel-sim` command line.
 
 pub mod clock;
+pub mod credentials;
 pub mod disk;
 pub mod history;
 pub mod linearizability;

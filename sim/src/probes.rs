@@ -12,6 +12,10 @@ use tracing_subscriber::layer::{Context, Layer};
 /// Every probe keel defines. A test keeps this list equal to the
 /// `probe!` calls in keel's sources.
 pub const ALL: &[&str] = &[
+    "join.admitted",
+    "join.id_taken_retry",
+    "join.reverted",
+    "join.token_in_flight",
     "membership.enter_joint",
     "membership.leader_steps_aside",
     "membership.leave_joint",
@@ -26,11 +30,14 @@ pub const ALL: &[&str] = &[
     "node.restart_from_disk",
     "node.storage_failure_stop",
     "node.wrong_group_followed",
+    "placement.replica_added",
     "raft.commit_deferred_to_next_round",
     "raft.snapshot_delivered",
     "raft.snapshot_failed",
     "raft.snapshot_taken",
     "routing.wrong_group_redirect",
+    "token.dead_man_revert",
+    "token.expired",
 ];
 
 static COUNTS: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());

@@ -50,6 +50,8 @@ pub enum FrameKind {
     CheckpointPayload = 0xA1,
     /// A data group's log record (command plus proposal timestamp).
     DataRecord = 0xF1,
+    /// A credential file (node identity, admin client credential).
+    Credential = 0x91,
 }
 
 /// A type that travels inside the envelope.

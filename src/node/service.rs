@@ -90,6 +90,9 @@ pub struct NodeSummary {
     pub node: crate::core::ids::NodeId,
     pub addr: String,
     pub state: String,
+    /// Active (a learner or voter of group 0), as opposed to joining,
+    /// draining or decommissioned.
+    pub active: bool,
 }
 
 /// A node's view of the cluster, from its own replica of group 0.
@@ -241,6 +244,7 @@ async fn status(
                 node,
                 addr: info.addr.clone(),
                 state: info.state.to_string(),
+                active: matches!(info.state, crate::core::topology::NodeState::Active(_)),
             })
             .collect(),
         routing_epoch: state.routing.epoch(),

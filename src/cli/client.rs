@@ -1,0 +1,136 @@
+//! How CLI commands reach a cluster: the admin credential and node
+//! addresses from the cluster directory (or `--addr`), over QUIC + mutual
+//! TLS like any node (DESIGN.md §9).
+
+use crate::core::codec;
+use crate::core::ids::NodeId;
+use crate::daemon::cluster_dir::{ClusterDir, DEFAULT_DIR};
+use crate::io::quic_client::{ClientError, QuicClient};
+use crate::node::service::{ClientRequest, ClientResponse, ClusterStatus};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where a client command finds the cluster.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ClientArgs {
+    /// The cluster directory holding the admin credential and node addresses.
+    #[arg(long, default_value = DEFAULT_DIR)]
+    pub dir: PathBuf,
+    /// Talk to this node (HOST:PORT) instead of the addresses in the cluster
+    /// directory; may be repeated.
+    #[arg(long)]
+    pub addr: Vec<SocketAddr>,
+    /// How long one request may take.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// An admin client of one cluster.
+pub struct AdminClient {
+    quic: QuicClient,
+    dir: ClusterDir,
+    addrs: Vec<SocketAddr>,
+    timeout: Duration,
+}
+
+impl AdminClient {
+    pub fn open(args: &ClientArgs) -> Result<Self, String> {
+        let dir = ClusterDir::new(&args.dir);
+        let credential = dir.load_admin().map_err(|e| e.to_string())?;
+        let addrs = if args.addr.is_empty() {
+            dir.load_addresses()
+                .map_err(|e| e.to_string())?
+                .into_values()
+                .collect()
+        } else {
+            args.addr.clone()
+        };
+        if addrs.is_empty() {
+            return Err(format!(
+                "no node addresses in {}; pass --addr HOST:PORT",
+                dir.root().display()
+            ));
+        }
+        let quic = QuicClient::admin(&credential.tls).map_err(|e| e.to_string())?;
+        Ok(AdminClient {
+            quic,
+            dir,
+            addrs,
+            timeout: args.timeout,
+        })
+    }
+
+    pub fn dir(&self) -> &ClusterDir {
+        &self.dir
+    }
+
+    /// One request to the node at `addr`.
+    pub async fn call_at(
+        &self,
+        addr: SocketAddr,
+        request: &ClientRequest,
+    ) -> Result<ClientResponse, ClientError> {
+        let bytes = self
+            .quic
+            .call(addr, codec::encode(request), self.timeout)
+            .await?;
+        codec::decode::<ClientResponse>(&bytes).map_err(|e| ClientError::Connect {
+            addr,
+            cause: format!("the node answered an undecodable frame: {e}"),
+        })
+    }
+
+    /// One request to the first node that can be reached. A request that
+    /// reached a node but timed out is not sent again elsewhere: a write's
+    /// outcome is then unknown, and repeating it could apply it twice.
+    pub async fn call(&self, request: &ClientRequest) -> Result<ClientResponse, String> {
+        let mut last = String::new();
+        for &addr in &self.addrs {
+            match self.call_at(addr, request).await {
+                Ok(ClientResponse::Error(e)) => return Err(e.to_string()),
+                Ok(response) => return Ok(response),
+                Err(e @ (ClientError::Timeout { .. } | ClientError::Dropped { .. })) => {
+                    return Err(format!("{e}; the request's outcome is unknown"))
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(format!("no node could be reached: {last}"))
+    }
+
+    /// Every node's own status: the topology from the first node that
+    /// answers, then each node of it asked at its address (`None` where
+    /// unreachable).
+    pub async fn statuses(
+        &self,
+    ) -> Result<
+        (
+            ClusterStatus,
+            Vec<(NodeId, SocketAddr, Option<ClusterStatus>)>,
+        ),
+        String,
+    > {
+        let first = match self.call(&ClientRequest::Status).await? {
+            ClientResponse::Status(status) => *status,
+            other => return Err(format!("unexpected answer to status: {other:?}")),
+        };
+        let mut each = Vec::new();
+        for summary in &first.nodes {
+            let Ok(addr) = summary.addr.parse::<SocketAddr>() else {
+                continue;
+            };
+            let status = match self.call_at(addr, &ClientRequest::Status).await {
+                Ok(ClientResponse::Status(status)) => Some(*status),
+                _ => None,
+            };
+            each.push((summary.node, addr, status));
+        }
+        Ok((first, each))
+    }
+}
+
+/// Lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

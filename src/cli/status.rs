@@ -1,0 +1,198 @@
+//! `keel status`: nodes, groups, leaders, routing epoch and health, put
+//! together from every node's own view.
+
+use crate::cli::client::{hex, AdminClient};
+use crate::core::ids::{GroupId, NodeId};
+use crate::node::rpc::GroupView;
+use crate::node::service::ClusterStatus;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+/// The report `keel status --json` prints (a stable scripting interface).
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub cluster_id: String,
+    pub routing_epoch: u64,
+    pub trusted_cas: Vec<String>,
+    pub live_tokens: usize,
+    pub migrations: usize,
+    pub nodes: Vec<NodeReport>,
+    pub groups: Vec<GroupReport>,
+    pub healthy: bool,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct NodeReport {
+    pub id: u64,
+    pub addr: String,
+    pub state: String,
+    pub reachable: bool,
+    /// The CA that signed the node's certificate.
+    pub cert_ca: Option<String>,
+    pub leads: Vec<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GroupReport {
+    pub group: u64,
+    pub leader: Option<u64>,
+    pub term: u64,
+    pub commit: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Nodes on which the group fail-stopped, and why.
+    pub failed: Vec<String>,
+}
+
+/// Gathers the report.
+pub async fn report(client: &AdminClient) -> Result<StatusReport, String> {
+    let (first, each) = client.statuses().await?;
+    Ok(assemble(&first, &each))
+}
+
+fn ids(nodes: &[NodeId]) -> Vec<u64> {
+    nodes.iter().map(|n| n.get()).collect()
+}
+
+/// Puts the report together: each group as its leader sees it (or as any
+/// node hosting it does, if none leads), and what is unhealthy.
+pub fn assemble(
+    first: &ClusterStatus,
+    each: &[(NodeId, SocketAddr, Option<ClusterStatus>)],
+) -> StatusReport {
+    let mut problems = Vec::new();
+    let mut views: BTreeMap<GroupId, (GroupView, Vec<String>)> = BTreeMap::new();
+    for (node, _, status) in each {
+        let Some(status) = status else {
+            problems.push(format!("node {node} is unreachable"));
+            continue;
+        };
+        for view in &status.local.groups {
+            let entry = views
+                .entry(view.group)
+                .or_insert_with(|| (view.clone(), Vec::new()));
+            if view.is_leader {
+                entry.0 = view.clone();
+            }
+            if let Some(cause) = &view.failed {
+                entry.1.push(format!("node {node}: {cause}"));
+            }
+        }
+    }
+    let groups: Vec<GroupReport> = views
+        .into_values()
+        .map(|(view, failed)| {
+            let leader = view.leader;
+            if leader.is_none() {
+                problems.push(format!("group {} has no leader", view.group));
+            }
+            for f in &failed {
+                problems.push(format!("group {} fail-stopped on {f}", view.group));
+            }
+            GroupReport {
+                group: view.group.0,
+                leader: leader.map(NodeId::get),
+                term: view.term,
+                commit: view.commit,
+                voters: ids(&view.voters),
+                learners: ids(&view.learners),
+                failed,
+            }
+        })
+        .collect();
+    let nodes = first
+        .nodes
+        .iter()
+        .map(|summary| {
+            let status = each
+                .iter()
+                .find(|(id, _, _)| *id == summary.node)
+                .and_then(|(_, _, s)| s.as_ref());
+            if !summary.active {
+                problems.push(format!("node {} is {}", summary.node, summary.state));
+            }
+            NodeReport {
+                id: summary.node.get(),
+                addr: summary.addr.clone(),
+                state: summary.state.clone(),
+                reachable: status.is_some(),
+                cert_ca: status.map(|s| hex(&s.cert_ca)),
+                leads: groups
+                    .iter()
+                    .filter(|g| g.leader == Some(summary.node.get()))
+                    .map(|g| g.group)
+                    .collect(),
+            }
+        })
+        .collect();
+    StatusReport {
+        cluster_id: hex(&first.cluster_id),
+        routing_epoch: first.routing_epoch,
+        trusted_cas: first.trusted_cas.iter().map(|fp| hex(fp)).collect(),
+        live_tokens: first.live_tokens,
+        migrations: first.migrations,
+        healthy: problems.is_empty(),
+        problems,
+        nodes,
+        groups,
+    }
+}
+
+fn list(ids: &[u64]) -> String {
+    if ids.is_empty() {
+        return "-".into();
+    }
+    ids.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// The human-readable form.
+pub fn render(r: &StatusReport) -> String {
+    let mut out = format!(
+        "cluster {}  routing epoch {}  trusted CAs {}  live join tokens {}  migrations {}\n\n",
+        r.cluster_id,
+        r.routing_epoch,
+        r.trusted_cas.len(),
+        r.live_tokens,
+        r.migrations
+    );
+    out.push_str(&format!(
+        "{:<6}{:<24}{:<20}{:<11}{}\n",
+        "NODE", "ADDRESS", "STATE", "REACHABLE", "LEADS GROUPS"
+    ));
+    for n in &r.nodes {
+        out.push_str(&format!(
+            "{:<6}{:<24}{:<20}{:<11}{}\n",
+            n.id,
+            n.addr,
+            n.state,
+            if n.reachable { "yes" } else { "NO" },
+            list(&n.leads)
+        ));
+    }
+    out.push_str(&format!(
+        "\n{:<7}{:<8}{:<7}{:<9}{:<14}{}\n",
+        "GROUP", "LEADER", "TERM", "COMMIT", "VOTERS", "LEARNERS"
+    ));
+    for g in &r.groups {
+        out.push_str(&format!(
+            "{:<7}{:<8}{:<7}{:<9}{:<14}{}\n",
+            g.group,
+            g.leader.map_or("-".into(), |l| l.to_string()),
+            g.term,
+            g.commit,
+            list(&g.voters),
+            list(&g.learners)
+        ));
+    }
+    if r.healthy {
+        out.push_str("\nhealth: ok\n");
+    } else {
+        out.push_str("\nhealth: DEGRADED\n");
+        for p in &r.problems {
+            out.push_str(&format!("  - {p}\n"));
+        }
+    }
+    out
+}
