@@ -18,6 +18,7 @@ use keel::core::ids::{DescriptorId, GroupId, NodeId, VShardId};
 use keel::core::kv::{KvCommand, KvQuery, KvResponse, KvStateMachine};
 use keel::core::lease::DescriptorLease;
 use keel::core::token::{JoinToken, JoinTokenTransitionKind};
+use keel::core::topology::TopologyChange;
 use keel::io::{seeded_rng, NodeIo};
 use keel::node::join::JoinRequest;
 use keel::node::rpc::{NodeError, Outcome};
@@ -242,25 +243,13 @@ impl SimCluster {
     /// through the client service, then presented by the joiner, which must
     /// be granted exactly the id of the machine waiting for it.
     async fn admit(&self, via: &Node, id: NodeId) -> Result<(), String> {
-        let call = |caller, request: &ClientRequest| {
-            let bytes = codec::encode(request);
-            async move {
-                let answer = serve(via, &SimCredentials, caller, &bytes).await;
-                codec::decode::<ClientResponse>(&answer)
-                    .map_err(|e| format!("undecodable service answer: {e}"))
-            }
-        };
-        let token = match call(Caller::Admin, &ClientRequest::IssueToken { ttl_ms: 60_000 }).await?
-        {
+        let issue = ClientRequest::IssueToken { ttl_ms: 60_000 };
+        let token = match service_call(via, Caller::Admin, &issue).await? {
             ClientResponse::Token { token, .. } => token,
             other => return Err(format!("issuing a token for {id}: {other:?}")),
         };
-        let join = ClientRequest::Join(JoinRequest {
-            token: token.clone(),
-            csr_der: format!("csr of {id}").into_bytes(),
-            addr: net::node_addr(id).to_string(),
-        });
-        match call(Caller::Anonymous, &join).await? {
+        let join = join_request(&token, id.to_string(), net::node_addr(id).to_string());
+        match service_call(via, Caller::Anonymous, &join).await? {
             ClientResponse::Joined(grant) if grant.node_id == id => {
                 *lock(&self.consumed)
                     .entry(JoinToken::parse(&token).map_err(|e| e.to_string())?.hash())
@@ -308,6 +297,20 @@ impl SimCluster {
                 self.rng.next_u64(),
                 Arc::clone(&self.consumed),
             ));
+            // Two joiners, so that concurrent joins race for node ids.
+            for joiner in 0..2 {
+                let machine = self
+                    .handle
+                    .create_node()
+                    .name(format!("joiner{joiner}"))
+                    .build();
+                machine.spawn(join_loop(
+                    self.swarm.metadata_ops / 2,
+                    self.registry.clone(),
+                    self.rng.next_u64(),
+                    Arc::clone(&self.consumed),
+                ));
+            }
         }
         let chaos_end = Instant::now() + Duration::from_millis(self.swarm.chaos_ms);
         loop {
@@ -596,6 +599,8 @@ fn node_main(
             config.tick_interval = Duration::from_millis(swarm.tick_ms);
             config.request_timeout = Duration::from_secs(2);
             config.engine.compact_threshold = 200;
+            // Joins abandoned under chaos come back within the run.
+            config.join_dead_man = Duration::from_secs(2);
             let bootstrap = (id == n(1)).then(|| Bootstrap {
                 cluster_id: swarm
                     .seed
@@ -851,6 +856,79 @@ async fn metadata_loop(
         };
         let _ = node.propose_metadata(entry).await;
         sleep(Duration::from_millis(50 + rng.next_u64() % 200)).await;
+    }
+}
+
+/// One call to a node's client service, as a CLI or joiner would make it.
+async fn service_call(
+    via: &Node,
+    caller: Caller,
+    request: &ClientRequest,
+) -> Result<ClientResponse, String> {
+    let answer = serve(via, &SimCredentials, caller, &codec::encode(request)).await;
+    codec::decode::<ClientResponse>(&answer).map_err(|e| format!("undecodable service answer: {e}"))
+}
+
+fn join_request(token: &str, joiner: String, addr: String) -> ClientRequest {
+    ClientRequest::Join(JoinRequest {
+        token: token.to_owned(),
+        csr_der: format!("csr of {joiner}").into_bytes(),
+        addr,
+    })
+}
+
+/// Joins under chaos: tokens issued and presented through random nodes by
+/// joiners that never start a node (each admitted one is removed again, as
+/// an operator would), some presented twice, some abandoned after `Begin`
+/// for the dead-man timer. Every grant counts as a consumption of its
+/// token, for the single-use checker.
+async fn join_loop(attempts: u64, registry: Registry, seed: u64, consumed: TokenConsumptions) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let pick = |rng: &mut ChaCha8Rng| {
+        let nodes: Vec<Node> = lock(&registry).values().cloned().collect();
+        (!nodes.is_empty()).then(|| nodes[(rng.next_u64() % nodes.len() as u64) as usize].clone())
+    };
+    for attempt in 0..attempts {
+        sleep(Duration::from_millis(100 + rng.next_u64() % 400)).await;
+        let Some(via) = pick(&mut rng) else { continue };
+        let issue = ClientRequest::IssueToken { ttl_ms: 3_000 };
+        let Ok(ClientResponse::Token { token, .. }) =
+            service_call(&via, Caller::Admin, &issue).await
+        else {
+            continue;
+        };
+        let Ok(parsed) = JoinToken::parse(&token) else {
+            continue;
+        };
+        let hash = parsed.hash();
+        if rng.next_u64() % 4 == 0 {
+            // A joiner that presented the token and vanished.
+            let _ = via
+                .propose_metadata(MetadataEntry::JoinTokenTransition {
+                    token_hash: hash,
+                    transition: JoinTokenTransitionKind::Begin,
+                    ts_ms: via.now_ms(),
+                })
+                .await;
+            continue;
+        }
+        for _ in 0..1 + rng.next_u64() % 2 {
+            let Some(via) = pick(&mut rng) else { break };
+            let request = join_request(
+                &token,
+                format!("phantom {seed:x}/{attempt}"),
+                format!("phantom-{seed:x}-{attempt}:7000"),
+            );
+            if let Ok(ClientResponse::Joined(grant)) =
+                service_call(&via, Caller::Anonymous, &request).await
+            {
+                *lock(&consumed).entry(hash).or_default() += 1;
+                let leave = MetadataEntry::TopologyChange(TopologyChange::Leave {
+                    node_id: grant.node_id,
+                });
+                let _ = via.propose_metadata(leave).await;
+            }
+        }
     }
 }
 
