@@ -129,8 +129,3 @@ impl AdminClient {
         Ok((first, each))
     }
 }
-
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}

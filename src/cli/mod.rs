@@ -7,13 +7,14 @@ mod offline;
 pub mod status;
 mod up;
 
+use crate::core::codec::hex;
 use crate::core::kv::{KvCommand, KvResponse};
 use crate::daemon::cluster_dir::{ClusterDir, StagedCa};
 use crate::daemon::config::NodeFile;
 use crate::io::pki::ClusterCa;
 use crate::node::service::{ClientRequest, ClientResponse};
 use clap::{Parser, Subcommand};
-use client::{hex, AdminClient, ClientArgs};
+use client::{AdminClient, ClientArgs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;

@@ -39,10 +39,7 @@ pub fn decode(kind: FrameArg, file: &Path) -> Result<(), String> {
 
 pub fn inspect_token(token: &str) -> Result<(), String> {
     let token = JoinToken::parse(token).map_err(|e| format!("invalid join token: {e}"))?;
-    println!(
-        "ca_fingerprint\t{}",
-        crate::cli::client::hex(&token.ca_fingerprint)
-    );
+    println!("ca_fingerprint\t{}", codec::hex(&token.ca_fingerprint));
     println!("expires_at_ms\t{}", token.expires_at_ms);
     Ok(())
 }

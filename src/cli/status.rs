@@ -1,7 +1,8 @@
 //! `keel status`: nodes, groups, leaders, routing epoch and health, put
 //! together from every node's own view.
 
-use crate::cli::client::{hex, AdminClient};
+use crate::cli::client::AdminClient;
+use crate::core::codec::hex;
 use crate::core::ids::{GroupId, NodeId};
 use crate::node::rpc::GroupView;
 use crate::node::service::ClusterStatus;

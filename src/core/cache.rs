@@ -79,14 +79,10 @@ pub enum CaError {
     Empty,
     #[error("the CA certificate is {len} bytes; it must be 1..={MAX_CA_CERT_LEN} bytes of DER")]
     BadCertLength { len: usize },
-    #[error("no trusted CA has fingerprint {}", hex(.0))]
+    #[error("no trusted CA has fingerprint {}", crate::core::codec::hex(.0))]
     UnknownFingerprint(CertFingerprint),
     #[error("removing the last trusted CA would lock every node out; stage a new CA first")]
     LastCa,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A rejected entry, as recorded in the cache.

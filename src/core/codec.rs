@@ -54,6 +54,12 @@ pub enum FrameKind {
     Credential = 0x91,
 }
 
+/// Lowercase hex of `bytes`: how fingerprints, hashes and ids are shown to
+/// operators.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A type that travels inside the envelope.
 pub trait Wire: Serialize + DeserializeOwned {
     const KIND: FrameKind;

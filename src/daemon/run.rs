@@ -1,7 +1,7 @@
 //! Starting and running one production node.
 
 use crate::core::cache::Bootstrap;
-use crate::core::codec;
+use crate::core::codec::{self, hex};
 use crate::core::ids::NodeId;
 use crate::core::kv::KvStateMachine;
 use crate::core::token::{JoinToken, TokenParseError};
@@ -138,10 +138,6 @@ pub async fn run(file: NodeFile, token: Option<String>) -> Result<(), DaemonErro
             Ok(())
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Creates the cluster's CA, this node's identity as node 1, and, if the

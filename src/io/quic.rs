@@ -723,9 +723,19 @@ async fn read_request(
     }
 }
 
-/// Writes the node's answer to a call, or resets the stream if the node
-/// dropped the call.
-async fn answer(mut send: SendStream, response: oneshot::Receiver<Vec<u8>>) {
+/// Hands a call to the node through `queue` (built by `make` around the
+/// reply channel) and writes its answer, or resets the stream if the node
+/// is gone or drops the call.
+async fn hand_over<T>(
+    mut send: SendStream,
+    queue: &mpsc::UnboundedSender<T>,
+    make: impl FnOnce(oneshot::Sender<Vec<u8>>) -> T,
+) {
+    let (reply, response) = oneshot::channel();
+    if queue.send(make(reply)).is_err() {
+        let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
+        return;
+    }
     match response.await {
         Ok(response) if response.len() <= MAX_FRAME_LEN => {
             if write_frame(&mut send, &response).await.is_ok() {
@@ -753,19 +763,12 @@ async fn serve_call(
     let Some(request) = read_request(&mut send, &mut recv, MAX_FRAME_LEN).await else {
         return;
     };
-    let (reply, response) = oneshot::channel();
-    if inbound
-        .send(Inbound::Call {
-            from,
-            request,
-            reply,
-        })
-        .is_err()
-    {
-        let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
-        return;
-    }
-    answer(send, response).await;
+    hand_over(send, &inbound, |reply| Inbound::Call {
+        from,
+        request,
+        reply,
+    })
+    .await;
 }
 
 /// Serves one call from a client. Anonymous callers get a smaller request
@@ -795,19 +798,12 @@ async fn serve_client_call(
     let Some(request) = request else {
         return;
     };
-    let (reply, response) = oneshot::channel();
-    if clients
-        .send(ClientCall {
-            peer,
-            request,
-            reply,
-        })
-        .is_err()
-    {
-        let _ = send.reset(VarInt::from_u32(CODE_SHUTDOWN));
-        return;
-    }
-    answer(send, response).await;
+    hand_over(send, &clients, |reply| ClientCall {
+        peer,
+        request,
+        reply,
+    })
+    .await;
 }
 
 /// A node's QUIC endpoint. Dropping it closes the endpoint and every

@@ -154,10 +154,7 @@ impl From<NodeError> for ServiceError {
 /// its hash (the raw token never enters the log, so neither does its id's
 /// preimage).
 pub fn token_id(hash: &[u8; 32]) -> String {
-    hash.iter()
-        .take(TOKEN_ID_LEN / 2)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    codec::hex(&hash[..TOKEN_ID_LEN / 2])
 }
 
 /// Serves one encoded client request; answers with an encoded response.
@@ -316,7 +313,7 @@ async fn revoke_token(node: &Node, token: &str) -> Result<ClientResponse, Servic
         let matches: Vec<[u8; 32]> = state
             .tokens
             .iter()
-            .filter(|(hash, _)| hex(hash.as_slice()).starts_with(&prefix))
+            .filter(|(hash, _)| codec::hex(hash.as_slice()).starts_with(&prefix))
             .map(|(hash, _)| *hash)
             .collect();
         match matches.as_slice() {
@@ -344,10 +341,6 @@ async fn revoke_token(node: &Node, token: &str) -> Result<ClientResponse, Servic
         Outcome::Metadata(Some(reason)) => Err(ServiceError::BadRequest(reason.to_string())),
         _ => Ok(ClientResponse::Done),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Stages a new CA on this node: commits the trust change (a no-op if an
