@@ -580,6 +580,10 @@ impl SimTransport {
 }
 
 impl Transport for SimTransport {
+    /// The simulated network attributes every frame to the machine that
+    /// sent it, so no peer can forge its identity and there is nothing to drop.
+    fn disconnect(&self, _peer: NodeId) {}
+
     fn send(&self, to: NodeId, mut frame: Vec<u8>) {
         if frame.len() > MAX_FRAME_LEN {
             tracing::trace!(from = %self.shared.me, %to, len = frame.len(), "dropping oversized frame");

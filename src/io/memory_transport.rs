@@ -180,6 +180,10 @@ impl MemoryTransport {
 }
 
 impl Transport for MemoryTransport {
+    /// The in-process network has no connections to drop: every frame is
+    /// attributed to its sender by construction.
+    fn disconnect(&self, _peer: NodeId) {}
+
     fn send(&self, to: NodeId, frame: Vec<u8>) {
         if frame.len() > MAX_FRAME_LEN {
             tracing::trace!(from = %self.me, %to, len = frame.len(), "dropping oversized frame");

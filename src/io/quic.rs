@@ -913,6 +913,27 @@ impl Drop for QuicTransport {
 }
 
 impl Transport for QuicTransport {
+    fn disconnect(&self, peer: NodeId) {
+        let conns: Vec<Connection> = lock(&self.inner.tls)
+            .conns
+            .iter()
+            .filter(|c| matches!(classify(c), Some(Peer::Node(node)) if node == peer))
+            .cloned()
+            .collect();
+        let outgoing = lock(&self.inner.links).get(&peer).cloned();
+        tracing::warn!(me = %self.inner.me, %peer, incoming = conns.len(), "disconnecting a peer that forged its identity");
+        for conn in conns {
+            conn.close(VarInt::from_u32(CODE_REFUSED), b"forged node identity");
+        }
+        if let Some(link) = outgoing {
+            tokio::spawn(async move {
+                if let Some((conn, _)) = link.lock().await.conn.take() {
+                    conn.close(VarInt::from_u32(CODE_REFUSED), b"forged node identity");
+                }
+            });
+        }
+    }
+
     fn send(&self, to: NodeId, frame: Vec<u8>) {
         if frame.len() > MAX_FRAME_LEN {
             tracing::trace!(me = %self.inner.me, %to, len = frame.len(), "dropping oversized frame");
@@ -1123,6 +1144,30 @@ mod tests {
                 len: MAX_FRAME_LEN + 1
             })
         );
+    }
+
+    #[tokio::test]
+    async fn disconnect_drops_the_peers_connections_and_it_can_come_back() {
+        let ca = ClusterCa::generate().expect("ca");
+        let ((a, rx_a, _), (b, rx_b, _)) = pair(&ca, &ca).await;
+        spawn_echo(rx_a);
+        spawn_echo(rx_b);
+        let response = a.call(node(2), b"1".to_vec(), DEFAULT_CALL_TIMEOUT).await;
+        assert_eq!(response, Ok(b"re:1".to_vec()));
+        let response = b.call(node(1), b"2".to_vec(), DEFAULT_CALL_TIMEOUT).await;
+        assert_eq!(response, Ok(b"re:2".to_vec()));
+        let from_a = a.inner.connection(node(2)).await.expect("a's connection");
+        let from_b = b.inner.connection(node(1)).await.expect("b's connection");
+        b.disconnect(node(1));
+        tokio::time::timeout(Duration::from_secs(5), from_a.closed())
+            .await
+            .expect("a's connection to b is closed by b");
+        tokio::time::timeout(Duration::from_secs(5), from_b.closed())
+            .await
+            .expect("b's own connection to a is closed");
+        // A disconnected peer may dial again.
+        let response = a.call(node(2), b"3".to_vec(), DEFAULT_CALL_TIMEOUT).await;
+        assert_eq!(response, Ok(b"re:3".to_vec()));
     }
 
     #[tokio::test]

@@ -59,6 +59,11 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Sends a request and waits for the response, at most `timeout`.
     fn call(&self, to: NodeId, request: Vec<u8>, timeout: Duration) -> CallFuture;
+
+    /// Drops every connection with `peer`, both directions: the node found
+    /// it claiming another node's identity (DESIGN.md §6). It may connect
+    /// again, and is dropped again if it keeps doing so.
+    fn disconnect(&self, peer: NodeId);
 }
 
 /// Test helper shared by the bindings' tests: answers every call arriving

@@ -559,6 +559,9 @@ impl Runtime {
         };
         if message.from != from.get() || message.to != self.me.get() {
             tracing::warn!(%from, claimed = message.from, to = message.to, "raft message with forged endpoints dropped");
+            if message.from != from.get() {
+                self.transport.disconnect(from);
+            }
             return false;
         }
         // Messages for a group this node does not host (yet) are dropped;
