@@ -119,6 +119,7 @@ impl SimCluster {
                 DiskFaults {
                     keep_unsynced: swarm.keep_unsynced,
                     io_error_rate: 0.0,
+                    sync_latency_ms: swarm.sync_latency_ms,
                 },
             );
             let offset = signed(&mut rng, swarm.clock_offset_ms);
@@ -267,6 +268,7 @@ impl SimCluster {
             state.disk.set_faults(DiskFaults {
                 keep_unsynced: self.swarm.keep_unsynced,
                 io_error_rate: self.swarm.io_error_rate,
+                sync_latency_ms: self.swarm.sync_latency_ms,
             });
         }
         let done = Arc::new(AtomicU64::new(0));
@@ -427,6 +429,7 @@ impl SimCluster {
             state.disk.set_faults(DiskFaults {
                 keep_unsynced: self.swarm.keep_unsynced,
                 io_error_rate: 0.0,
+                sync_latency_ms: self.swarm.sync_latency_ms,
             });
             if state.paused {
                 self.handle.resume(state.machine.id());
@@ -594,6 +597,7 @@ fn node_main(
                 clock: Arc::new(SkewedClock::new(clock.0, clock.1, clock.2)),
                 rng: seeded_rng(run_seed),
                 db: Arc::new(db),
+                storage_latency: Some(Arc::new(disk.clone())),
             };
             let mut config = NodeConfig::new(id);
             config.tick_interval = Duration::from_millis(swarm.tick_ms);

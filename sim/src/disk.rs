@@ -51,6 +51,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use keel::io::StorageLatency;
 
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -67,6 +70,9 @@ const IO_ERROR_STREAM: u64 = 1;
 /// The ChaCha stream that decides what a crash keeps.
 const CRASH_STREAM: u64 = 2;
 
+/// The random stream that draws sync latencies.
+const LATENCY_STREAM: u64 = 3;
+
 /// Fault knobs, drawn per seed by the swarm configuration.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DiskFaults {
@@ -77,6 +83,9 @@ pub struct DiskFaults {
     /// Probability that a write or sync_data call fails with an io::Error
     /// (nothing changes).
     pub io_error_rate: f64,
+    /// Each `sync_data` takes a seeded 0..=this many milliseconds, which
+    /// the node waits out through [`StorageLatency`] (0: instant).
+    pub sync_latency_ms: u64,
 }
 
 /// Counters over the disk's whole life, for code probes and reports.
@@ -119,6 +128,12 @@ pub struct SimDisk {
     inner: Arc<Mutex<State>>,
 }
 
+impl StorageLatency for SimDisk {
+    fn take(&self) -> Duration {
+        std::mem::take(&mut self.lock().pending_latency)
+    }
+}
+
 /// A redb backend over a [`SimDisk`], valid until the disk's next crash or
 /// process kill.
 pub struct SimBackend {
@@ -145,6 +160,9 @@ struct State {
     faults: DiskFaults,
     io_rng: ChaCha8Rng,
     crash_rng: ChaCha8Rng,
+    latency_rng: ChaCha8Rng,
+    /// Modelled sync time not yet waited out by the node.
+    pending_latency: Duration,
     stats: DiskStats,
 }
 
@@ -165,6 +183,8 @@ impl SimDisk {
             faults,
             io_rng: stream(IO_ERROR_STREAM),
             crash_rng: stream(CRASH_STREAM),
+            latency_rng: stream(LATENCY_STREAM),
+            pending_latency: Duration::ZERO,
             stats: DiskStats::default(),
         };
         SimDisk {
@@ -300,6 +320,11 @@ impl redb::StorageBackend for SimBackend {
         state.maybe_inject_error("sync_data")?;
         state.sync();
         state.stats.syncs += 1;
+        let max = state.faults.sync_latency_ms;
+        if max > 0 {
+            let ms = state.latency_rng.next_u64() % (max + 1);
+            state.pending_latency += Duration::from_millis(ms);
+        }
         Ok(())
     }
 
@@ -519,7 +544,35 @@ mod tests {
         DiskFaults {
             keep_unsynced,
             io_error_rate,
+            sync_latency_ms: 0,
         }
+    }
+
+    #[test]
+    fn syncs_accrue_seeded_latency_until_taken() {
+        let latency = |seed| {
+            let disk = SimDisk::new(
+                seed,
+                DiskFaults {
+                    sync_latency_ms: 20,
+                    ..faults(0.0, 0.0)
+                },
+            );
+            let backend = disk.backend();
+            for _ in 0..50 {
+                backend.write(0, &[1; 8]).unwrap();
+                backend.sync_data().unwrap();
+            }
+            let total = disk.take();
+            assert_eq!(disk.take(), Duration::ZERO, "taking resets it");
+            total
+        };
+        let total = latency(9);
+        assert_eq!(total, latency(9), "the seed fixes the latencies");
+        assert!(total > Duration::ZERO && total <= Duration::from_millis(50 * 20));
+        let instant = SimDisk::new(9, faults(0.0, 0.0));
+        instant.backend().sync_data().unwrap();
+        assert_eq!(instant.take(), Duration::ZERO);
     }
 
     fn read_all(backend: &SimBackend) -> Vec<u8> {

@@ -44,9 +44,11 @@ pub struct Swarm {
     pub reorder_ms: u64,
     pub spike: f64,
     pub spike_ms: u64,
-    /// Disk: share of unsynced sectors a crash keeps; I/O error rate.
+    /// Disk: share of unsynced sectors a crash keeps; I/O error rate; the
+    /// most a sync takes (ms).
     pub keep_unsynced: f64,
     pub io_error_rate: f64,
+    pub sync_latency_ms: u64,
     /// Per-node clock offset bound (ms) and drift bound (parts per million).
     pub clock_offset_ms: u64,
     pub clock_drift_ppm: u64,
@@ -116,6 +118,11 @@ impl Swarm {
                 pick(&mut rng, 1, 5) as f64 / 1_000.0
             } else {
                 0.0
+            },
+            sync_latency_ms: if chance(&mut rng, 50) {
+                pick(&mut rng, 1, 20)
+            } else {
+                0
             },
             clock_offset_ms: pick(&mut rng, 0, 200),
             clock_drift_ppm: pick(&mut rng, 0, 200),

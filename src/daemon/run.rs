@@ -116,6 +116,7 @@ pub async fn run(file: NodeFile, token: Option<String>) -> Result<(), DaemonErro
         clock: Arc::new(SystemClock),
         rng: os_seeded_rng(),
         db: Arc::new(db),
+        storage_latency: None,
     };
     let mut config = NodeConfig::new(me);
     config.tick_interval = Duration::from_millis(file.tick_ms);

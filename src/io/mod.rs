@@ -20,6 +20,7 @@ use rand_chacha::rand_core::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Everything a node needs from its environment.
 pub struct NodeIo {
@@ -29,6 +30,19 @@ pub struct NodeIo {
     /// The node's only source of randomness (ids, jitter).
     pub rng: ChaCha8Rng,
     pub db: Arc<redb::Database>,
+    /// How long the disk took beyond what the calls into it blocked for;
+    /// `None` where the disk blocks for real (files).
+    pub storage_latency: Option<Arc<dyn StorageLatency>>,
+}
+
+/// Disk time a node must wait out before acting on what it wrote. A real
+/// `fsync` blocks the node's event loop for as long as the disk takes, so
+/// the file binding needs none of this; the simulated disk answers at once
+/// and reports the latency it models here, and the node sleeps it off, on
+/// its event loop, before sending what the write made durable (DESIGN.md §8).
+pub trait StorageLatency: Send + Sync {
+    /// The latency accrued since the last call, resetting it.
+    fn take(&self) -> Duration;
 }
 
 /// A node's rng in production: seeded from the operating system.

@@ -126,6 +126,7 @@ pub(crate) struct Runtime {
     engine: Engine,
     transport: Arc<dyn Transport>,
     clock: Arc<dyn WallClock>,
+    storage_latency: Option<Arc<dyn crate::io::StorageLatency>>,
     rng: ChaCha8Rng,
     hlc: HlcClock,
     metadata: Option<MetadataCache>,
@@ -189,6 +190,7 @@ impl Runtime {
             engine,
             transport: io.transport,
             clock: io.clock,
+            storage_latency: io.storage_latency,
             incarnation: rng.next_u64(),
             rng,
             metadata: None,
@@ -319,7 +321,7 @@ impl Runtime {
             while let Ok(inbound) = self.inbound.try_recv() {
                 self.on_inbound(inbound);
             }
-            if let Err(e) = self.drive() {
+            if let Err(e) = self.drive().await {
                 // A failed write may have left part of a round on disk and
                 // raft-rs holding readies it can no longer advance. The only
                 // safe continuation is a restart from what is durable, as
@@ -635,10 +637,16 @@ impl Runtime {
     }
 
     /// Runs engine rounds until the engine is idle.
-    fn drive(&mut self) -> Result<(), EngineError> {
+    async fn drive(&mut self) -> Result<(), EngineError> {
         self.offer_snapshots();
         while self.engine.has_work() {
             let round = self.engine.round()?;
+            if let Some(latency) = &self.storage_latency {
+                let latency = latency.take();
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+            }
             for (to, messages) in round.messages {
                 self.send(to, messages);
             }

@@ -105,6 +105,7 @@ impl Cluster {
             clock: Arc::new(SystemClock),
             rng: seeded_rng(id.get()),
             db: Arc::new(db),
+            storage_latency: None,
         };
         let mut config = NodeConfig::new(id);
         config.tick_interval = Duration::from_millis(10);
