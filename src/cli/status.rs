@@ -67,7 +67,7 @@ pub fn assemble(
     let mut views: BTreeMap<GroupId, (GroupView, Vec<String>)> = BTreeMap::new();
     for (node, _, status) in each {
         let Some(status) = status else {
-            problems.push(format!("node {node} is unreachable"));
+            problems.push(format!("node {} is unreachable", node.get()));
             continue;
         };
         for view in &status.local.groups {
@@ -78,7 +78,7 @@ pub fn assemble(
                 entry.0 = view.clone();
             }
             if let Some(cause) = &view.failed {
-                entry.1.push(format!("node {node}: {cause}"));
+                entry.1.push(format!("node {}: {cause}", node.get()));
             }
         }
     }
@@ -87,10 +87,10 @@ pub fn assemble(
         .map(|(view, failed)| {
             let leader = view.leader;
             if leader.is_none() {
-                problems.push(format!("group {} has no leader", view.group));
+                problems.push(format!("group {} has no leader", view.group.0));
             }
             for f in &failed {
-                problems.push(format!("group {} fail-stopped on {f}", view.group));
+                problems.push(format!("group {} fail-stopped on {f}", view.group.0));
             }
             GroupReport {
                 group: view.group.0,
@@ -112,7 +112,7 @@ pub fn assemble(
                 .find(|(id, _, _)| *id == summary.node)
                 .and_then(|(_, _, s)| s.as_ref());
             if !summary.active {
-                problems.push(format!("node {} is {}", summary.node, summary.state));
+                problems.push(format!("node {} is {}", summary.node.get(), summary.state));
             }
             NodeReport {
                 id: summary.node.get(),

@@ -23,7 +23,7 @@ use crate::io::quic::{
     CONNECT_TIMEOUT, MAX_ANONYMOUS_REQUEST_LEN,
 };
 use crate::io::transport::MAX_FRAME_LEN;
-use quinn::{Connection, ConnectionError, Endpoint, VarInt};
+use quinn::{Connection, ConnectionError, Endpoint, RecvStream, SendStream, VarInt};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// The name the client sends as SNI. Servers have a single certificate and
 /// ignore it; which node answers is learnt from its certificate.
@@ -245,9 +246,12 @@ impl QuicClient {
     }
 
     /// One call to the node at `addr`, waiting at most `timeout` for the
-    /// whole of it (connecting included). Reuses one connection per address
-    /// and reconnects if it died. A call is never retried once its request
-    /// may have reached the node.
+    /// whole of it. Reuses one connection per address and reconnects if it
+    /// died. Running out of time before the request could be sent (a dead
+    /// address never answers the handshake) is a [`ClientError::Connect`]:
+    /// nothing reached the node, so the caller may try another.
+    /// [`ClientError::Timeout`] means the request was sent and its outcome is
+    /// unknown; such a call is never retried.
     pub async fn call(
         &self,
         addr: SocketAddr,
@@ -261,27 +265,51 @@ impl QuicClient {
                 max,
             });
         }
-        tokio::time::timeout(timeout, self.call_inner(addr, &request))
+        let deadline = Instant::now() + timeout;
+        let (conn, send, recv) = self.open_stream(addr, deadline).await?;
+        tokio::time::timeout_at(deadline, self.exchange(addr, &conn, send, recv, &request))
             .await
             .unwrap_or(Err(ClientError::Timeout { addr }))
     }
 
-    async fn call_inner(&self, addr: SocketAddr, request: &[u8]) -> Result<Vec<u8>, ClientError> {
-        let mut conn = self.connection(addr).await?;
-        let (mut send, mut recv) = match conn.open_bi().await {
-            Ok(streams) => streams,
-            // The cached connection died before anything was sent: once more
-            // on a fresh one.
-            Err(_) => {
+    /// A fresh bidirectional stream to `addr`, connecting (once more, if the
+    /// cached connection turns out dead) before `deadline`.
+    async fn open_stream(
+        &self,
+        addr: SocketAddr,
+        deadline: Instant,
+    ) -> Result<(Connection, SendStream, RecvStream), ClientError> {
+        let conn = self.connection(addr, deadline).await?;
+        match tokio::time::timeout_at(deadline, conn.open_bi()).await {
+            Ok(Ok((send, recv))) => return Ok((conn, send, recv)),
+            Ok(Err(_)) => {
                 if let Some(err) = self.handshake_failure(addr, &conn) {
                     return Err(err);
                 }
-                conn = self.connection(addr).await?;
-                conn.open_bi().await.map_err(|_| self.lost(addr, &conn))?
             }
-        };
+            Err(_elapsed) => return Err(no_answer(addr)),
+        }
+        // The cached connection died before anything was sent: once more
+        // on a fresh one.
+        let conn = self.connection(addr, deadline).await?;
+        match tokio::time::timeout_at(deadline, conn.open_bi()).await {
+            Ok(Ok((send, recv))) => Ok((conn, send, recv)),
+            Ok(Err(_)) => Err(self.lost(addr, &conn)),
+            Err(_elapsed) => Err(no_answer(addr)),
+        }
+    }
+
+    /// Sends the request on an open stream and reads the answer.
+    async fn exchange(
+        &self,
+        addr: SocketAddr,
+        conn: &Connection,
+        mut send: SendStream,
+        mut recv: RecvStream,
+        request: &[u8],
+    ) -> Result<Vec<u8>, ClientError> {
         if write_frame(&mut send, request).await.is_err() || send.finish().is_err() {
-            return Err(self.lost(addr, &conn));
+            return Err(self.lost(addr, conn));
         }
         match read_frame(&mut recv, MAX_FRAME_LEN).await {
             Ok(Some(response)) => Ok(response),
@@ -289,12 +317,17 @@ impl QuicClient {
                 len,
                 max: MAX_FRAME_LEN,
             }),
-            Ok(None) | Err(ReadFailure::Stream) => Err(self.lost(addr, &conn)),
+            Ok(None) | Err(ReadFailure::Stream) => Err(self.lost(addr, conn)),
         }
     }
 
-    /// The live connection to `addr`, dialling one if there is none.
-    async fn connection(&self, addr: SocketAddr) -> Result<Connection, ClientError> {
+    /// The live connection to `addr`, dialling one if there is none; a dial
+    /// gets at most [`CONNECT_TIMEOUT`], and never past `deadline`.
+    async fn connection(
+        &self,
+        addr: SocketAddr,
+        deadline: Instant,
+    ) -> Result<Connection, ClientError> {
         let slot = lock(&self.conns).entry(addr).or_default().clone();
         let mut slot = slot.lock().await;
         if let Some(conn) = slot.as_ref() {
@@ -310,18 +343,11 @@ impl QuicClient {
                 addr,
                 cause: e.to_string(),
             })?;
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        let give_up = deadline.min(Instant::now() + CONNECT_TIMEOUT);
+        let conn = match tokio::time::timeout_at(give_up, connecting).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(err)) => return Err(self.connect_error(addr, &err)),
-            Err(_elapsed) => {
-                return Err(ClientError::Connect {
-                    addr,
-                    cause: format!(
-                        "no answer within {} s; is a keel node listening there?",
-                        CONNECT_TIMEOUT.as_secs()
-                    ),
-                })
-            }
+            Err(_elapsed) => return Err(no_answer(addr)),
         };
         *slot = Some(conn.clone());
         Ok(conn)
@@ -390,6 +416,14 @@ impl Drop for QuicClient {
     fn drop(&mut self) {
         self.endpoint
             .close(VarInt::from_u32(CODE_SHUTDOWN), b"client shut down");
+    }
+}
+
+/// Nothing answered at `addr` before the time ran out, so nothing was sent.
+fn no_answer(addr: SocketAddr) -> ClientError {
+    ClientError::Connect {
+        addr,
+        cause: "no answer in time; is a keel node listening there?".into(),
     }
 }
 
@@ -481,14 +515,22 @@ mod tests {
         );
 
         // Further calls reuse the connection.
-        let first_conn = client.connection(addr).await.expect("cached").stable_id();
+        let first_conn = client
+            .connection(addr, Instant::now() + DEFAULT_CALL_TIMEOUT)
+            .await
+            .expect("cached")
+            .stable_id();
         spawn_client_echo(clients);
         let second = client
             .call(addr, b"again".to_vec(), DEFAULT_CALL_TIMEOUT)
             .await;
         assert_eq!(second, Ok(b"Admin:again".to_vec()));
         assert_eq!(
-            client.connection(addr).await.expect("cached").stable_id(),
+            client
+                .connection(addr, Instant::now() + DEFAULT_CALL_TIMEOUT)
+                .await
+                .expect("cached")
+                .stable_id(),
             first_conn
         );
     }
@@ -619,7 +661,10 @@ mod tests {
             })
         );
         // Forged on the wire, the server refuses it.
-        let conn = client.connection(addr).await.expect("connect");
+        let conn = client
+            .connection(addr, Instant::now() + DEFAULT_CALL_TIMEOUT)
+            .await
+            .expect("connect");
         let (mut send, mut recv) = conn.open_bi().await.expect("open stream");
         let oversized = vec![7u8; MAX_ANONYMOUS_REQUEST_LEN + 1];
         let _ = write_frame(&mut send, &oversized).await;
@@ -661,7 +706,10 @@ mod tests {
         let (n1, _nodes, mut clients) = server(ca.issue_node(node(1)).expect("issue")).await;
         let addr = n1.local_addr();
         let client = QuicClient::joiner(ca.fingerprint()).expect("client");
-        let conn = client.connection(addr).await.expect("connect");
+        let conn = client
+            .connection(addr, Instant::now() + DEFAULT_CALL_TIMEOUT)
+            .await
+            .expect("connect");
         let mut streams = Vec::new();
         for i in 0..=MAX_ANONYMOUS_CALLS {
             let (mut send, recv) = conn.open_bi().await.expect("open stream");
@@ -719,7 +767,10 @@ mod tests {
         let admin = QuicClient::admin(&ca.issue_admin().expect("admin")).expect("client");
         let joiner = QuicClient::joiner(ca.fingerprint()).expect("client");
         for client in [&admin, &joiner] {
-            let conn = client.connection(addr).await.expect("connect");
+            let conn = client
+                .connection(addr, Instant::now() + DEFAULT_CALL_TIMEOUT)
+                .await
+                .expect("connect");
             let mut send = conn.open_uni().await.expect("open stream");
             write_frame(&mut send, b"raft message")
                 .await
@@ -744,7 +795,10 @@ mod tests {
             client.call(addr, b"1".to_vec(), DEFAULT_CALL_TIMEOUT).await,
             Ok(b"Admin:1".to_vec())
         );
-        let old = client.connection(addr).await.expect("cached");
+        let old = client
+            .connection(addr, Instant::now() + DEFAULT_CALL_TIMEOUT)
+            .await
+            .expect("cached");
         // The node swaps its identity, closing every connection.
         n1.reload_identity(ca.issue_node(node(1)).expect("issue"))
             .expect("reload");
@@ -756,13 +810,17 @@ mod tests {
             Ok(b"Admin:2".to_vec())
         );
         assert_ne!(
-            client.connection(addr).await.expect("cached").stable_id(),
+            client
+                .connection(addr, Instant::now() + DEFAULT_CALL_TIMEOUT)
+                .await
+                .expect("cached")
+                .stable_id(),
             old.stable_id()
         );
     }
 
     #[tokio::test]
-    async fn unanswered_call_times_out_and_nothing_listening_fails() {
+    async fn unanswered_call_times_out_and_a_dead_address_fails_to_connect() {
         let ca = ClusterCa::generate().expect("ca");
         let (n1, _nodes, mut clients) = server(ca.issue_node(node(1)).expect("issue")).await;
         let addr = n1.local_addr();
@@ -777,15 +835,20 @@ mod tests {
             drop(next_call(&mut clients).await);
         });
         assert_eq!(response, Err(ClientError::Dropped { addr }));
-        // Nothing listening: the call times out.
+        // Nothing listening: the dial runs out of time, which is a connect
+        // error (nothing was sent, another node may be tried), not an
+        // unknown outcome — and the caller's deadline bounds it.
         drop(n1);
         let nobody = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
         let silent = nobody.local_addr().expect("addr");
-        assert_eq!(
-            client
-                .call(silent, b"x".to_vec(), Duration::from_millis(300))
-                .await,
-            Err(ClientError::Timeout { addr: silent })
+        let started = Instant::now();
+        let response = client
+            .call(silent, b"x".to_vec(), Duration::from_millis(300))
+            .await;
+        assert!(
+            matches!(response, Err(ClientError::Connect { addr, .. }) if addr == silent),
+            "{response:?}"
         );
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }
