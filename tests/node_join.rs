@@ -176,6 +176,27 @@ async fn a_token_admits_exactly_one_node() {
     let id = admit_and_start(&mut c, n(2)).await;
     assert_eq!(id, n(3));
     await_active(&c, id).await;
+
+    // A joiner that was admitted but never started (its process died
+    // before storing its certificate) is removed by the operator; an active
+    // node cannot be removed that way.
+    let token = issue(c.node(n(1)), 60_000).await;
+    let ghost = join(c.node(n(1)), &token).await.expect("admitted").node_id;
+    assert_eq!(ghost, n(4));
+    let remove = |node| ClientRequest::RemoveNode { node };
+    assert_eq!(
+        call(c.node(n(2)), Caller::Admin, remove(ghost)).await,
+        ClientResponse::Done
+    );
+    let state = c.node(n(1)).metadata().await.unwrap();
+    assert!(state.topology.get(ghost).is_none());
+    assert!(state.topology.is_retired(ghost));
+    match call(c.node(n(1)), Caller::Admin, remove(n(2))).await {
+        ClientResponse::Error(ServiceError::BadRequest(reason)) => {
+            assert!(reason.contains("active"), "{reason}")
+        }
+        other => panic!("removing an active node was not refused: {other:?}"),
+    }
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ use crate::io::quic_client::{ClientError, QuicClient};
 use crate::node::service::{ClientRequest, ClientResponse, ClusterStatus};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Where a client command finds the cluster.
@@ -26,9 +27,23 @@ pub struct ClientArgs {
     pub timeout: Duration,
 }
 
+/// One request to the node at `addr`.
+async fn call(
+    quic: &QuicClient,
+    addr: SocketAddr,
+    request: &ClientRequest,
+    timeout: Duration,
+) -> Result<ClientResponse, ClientError> {
+    let bytes = quic.call(addr, codec::encode(request), timeout).await?;
+    codec::decode::<ClientResponse>(&bytes).map_err(|e| ClientError::Connect {
+        addr,
+        cause: format!("the node answered an undecodable frame: {e}"),
+    })
+}
+
 /// An admin client of one cluster.
 pub struct AdminClient {
-    quic: QuicClient,
+    quic: Arc<QuicClient>,
     dir: ClusterDir,
     addrs: Vec<SocketAddr>,
     timeout: Duration,
@@ -52,7 +67,7 @@ impl AdminClient {
                 dir.root().display()
             ));
         }
-        let quic = QuicClient::admin(&credential.tls).map_err(|e| e.to_string())?;
+        let quic = Arc::new(QuicClient::admin(&credential.tls).map_err(|e| e.to_string())?);
         Ok(AdminClient {
             quic,
             dir,
@@ -71,14 +86,7 @@ impl AdminClient {
         addr: SocketAddr,
         request: &ClientRequest,
     ) -> Result<ClientResponse, ClientError> {
-        let bytes = self
-            .quic
-            .call(addr, codec::encode(request), self.timeout)
-            .await?;
-        codec::decode::<ClientResponse>(&bytes).map_err(|e| ClientError::Connect {
-            addr,
-            cause: format!("the node answered an undecodable frame: {e}"),
-        })
+        call(&self.quic, addr, request, self.timeout).await
     }
 
     /// One request to the first node that can be reached. A request that
@@ -115,17 +123,27 @@ impl AdminClient {
             ClientResponse::Status(status) => *status,
             other => return Err(format!("unexpected answer to status: {other:?}")),
         };
-        let mut each = Vec::new();
-        for summary in &first.nodes {
+        // All at once, so that dead nodes cost one timeout, not one each.
+        let mut asked = tokio::task::JoinSet::new();
+        for (position, summary) in first.nodes.iter().enumerate() {
             let Ok(addr) = summary.addr.parse::<SocketAddr>() else {
                 continue;
             };
-            let status = match self.call_at(addr, &ClientRequest::Status).await {
-                Ok(ClientResponse::Status(status)) => Some(*status),
-                _ => None,
-            };
-            each.push((summary.node, addr, status));
+            let (quic, timeout, node) = (Arc::clone(&self.quic), self.timeout, summary.node);
+            asked.spawn(async move {
+                let status = match call(&quic, addr, &ClientRequest::Status, timeout).await {
+                    Ok(ClientResponse::Status(status)) => Some(*status),
+                    _ => None,
+                };
+                (position, node, addr, status)
+            });
         }
+        let mut each: Vec<_> = asked.join_all().await;
+        each.sort_by_key(|(position, ..)| *position);
+        let each = each
+            .into_iter()
+            .map(|(_, node, addr, status)| (node, addr, status))
+            .collect();
         Ok((first, each))
     }
 }

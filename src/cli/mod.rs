@@ -8,6 +8,7 @@ pub mod status;
 mod up;
 
 use crate::core::codec::hex;
+use crate::core::ids::NodeId;
 use crate::core::kv::{KvCommand, KvResponse};
 use crate::daemon::cluster_dir::{ClusterDir, StagedCa};
 use crate::daemon::config::NodeFile;
@@ -89,6 +90,15 @@ enum NodeCommand {
         /// A join token, for the first start of a joining node.
         #[arg(long, env = "KEEL_JOIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+    },
+    /// Remove a node that never finished joining (say, its process died
+    /// before it stored its certificate) or a decommissioned one. Its id is
+    /// never used again.
+    Remove {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The node's id.
+        node: u64,
     },
 }
 
@@ -200,6 +210,16 @@ async fn run(command: Command) -> Result<(), String> {
             crate::daemon::run(file, token)
                 .await
                 .map_err(|e| e.to_string())
+        }
+        Command::Node {
+            command: NodeCommand::Remove { client, node },
+        } => {
+            let node = NodeId::new(node).map_err(|e| e.to_string())?;
+            AdminClient::open(&client)?
+                .call(&ClientRequest::RemoveNode { node })
+                .await?;
+            println!("node {} removed", node.get());
+            Ok(())
         }
         Command::Status { client, json } => {
             let report = status::report(&AdminClient::open(&client)?).await?;

@@ -75,14 +75,18 @@ pub const MAX_ANONYMOUS_CALLS: usize = 4;
 const ANONYMOUS_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long dialling a peer may take before it counts as a failed attempt,
-/// so one dead peer cannot hold up that peer's frame queue for long.
-pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// so one dead peer cannot hold up that peer's frame queue for long. A
+/// handshake takes milliseconds on a LAN and well under a second across
+/// continents.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// First wait after a failed dial; doubled per consecutive failure.
 const BACKOFF_BASE: Duration = Duration::from_millis(50);
 
-/// Longest wait between dials to an unreachable peer.
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest wait between dials to an unreachable peer: a dial is one small
+/// packet, and a restarted peer should be back in its group within about
+/// an election timeout, not after a long backoff.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A connection with no traffic for this long is considered dead.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -813,6 +817,44 @@ pub struct QuicTransport {
     local_addr: SocketAddr,
 }
 
+/// The keys of a node's endpoint that must survive its restarts: the
+/// stateless-reset key and the key of the hash its connection ids carry
+/// (which the endpoint checks before it answers a packet at all). Both are
+/// derived from the node's private key, so a restarted node recognises
+/// packets for its previous run's connections and resets them, and its
+/// peers dial afresh at once instead of writing into a dead connection
+/// until its idle timeout. quinn's defaults are random per process.
+struct EndpointKeys {
+    reset: ring::hmac::Key,
+    cid: u64,
+}
+
+impl EndpointKeys {
+    fn of(identity: &TlsIdentity) -> Self {
+        use sha2::{Digest, Sha256};
+        let secret = Sha256::new()
+            .chain_update(b"keel endpoint keys v1")
+            .chain_update(&identity.key_der)
+            .finalize();
+        let mut cid = [0u8; 8];
+        cid.copy_from_slice(&secret[..8]);
+        EndpointKeys {
+            reset: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+            cid: u64::from_be_bytes(cid),
+        }
+    }
+
+    fn cid_generator(&self) -> quinn_proto::HashedConnectionIdGenerator {
+        quinn_proto::HashedConnectionIdGenerator::from_key(self.cid)
+    }
+
+    fn endpoint_config(self) -> quinn::EndpointConfig {
+        let mut config = quinn::EndpointConfig::new(Arc::new(self.reset.clone()));
+        config.cid_generator(move || Box::new(self.cid_generator()));
+        config
+    }
+}
+
 /// Binds a QUIC endpoint on `listen` with TLS 1.3 and starts accepting.
 /// Nodes (certificates naming a node, verified against the identity's CA
 /// set; ALPN [`ALPN`]) arrive on the [`InboundReceiver`]; admin and
@@ -826,8 +868,17 @@ pub async fn bind(
     peers: BTreeMap<NodeId, SocketAddr>,
 ) -> Result<(Arc<QuicTransport>, InboundReceiver, ClientInboundReceiver), QuicError> {
     let (server_config, client_config) = quic_configs(&identity)?;
-    let endpoint = Endpoint::server((*server_config).clone(), listen)
-        .map_err(|e| QuicError::Bind(e.to_string()))?;
+    let bind_error = |e: std::io::Error| QuicError::Bind(format!("{listen}: {e}"));
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind_error)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| QuicError::Bind("no async runtime to run the endpoint on".into()))?;
+    let endpoint = Endpoint::new(
+        EndpointKeys::of(&identity).endpoint_config(),
+        Some((*server_config).clone()),
+        socket,
+        runtime,
+    )
+    .map_err(bind_error)?;
     let local_addr = endpoint
         .local_addr()
         .map_err(|e| QuicError::Bind(e.to_string()))?;
@@ -1168,6 +1219,35 @@ mod tests {
         // A disconnected peer may dial again.
         let response = a.call(node(2), b"3".to_vec(), DEFAULT_CALL_TIMEOUT).await;
         assert_eq!(response, Ok(b"re:3".to_vec()));
+    }
+
+    #[test]
+    fn endpoint_keys_survive_a_restart_and_differ_between_nodes() {
+        // What a restarted node needs to reset its peers' stale connections:
+        // it recognises the connection ids its previous run issued, and
+        // derives the same reset tokens. Another node does neither.
+        use quinn::crypto::HmacKey;
+        use quinn::ConnectionIdGenerator;
+        let ca = ClusterCa::generate().expect("ca");
+        let identity = ca.issue_node(node(2)).expect("issue");
+        let other = ca.issue_node(node(3)).expect("issue");
+        let cid = EndpointKeys::of(&identity).cid_generator().generate_cid();
+        let restarted = EndpointKeys::of(&identity);
+        assert!(restarted.cid_generator().validate(&cid).is_ok());
+        assert!(EndpointKeys::of(&other)
+            .cid_generator()
+            .validate(&cid)
+            .is_err());
+        let token = |keys: EndpointKeys| {
+            let mut signature = vec![0u8; keys.reset.signature_len()];
+            keys.reset.sign(&cid, &mut signature);
+            signature
+        };
+        assert_eq!(token(EndpointKeys::of(&identity)), token(restarted));
+        assert_ne!(
+            token(EndpointKeys::of(&identity)),
+            token(EndpointKeys::of(&other))
+        );
     }
 
     #[tokio::test]

@@ -12,9 +12,10 @@
 use crate::core::cache::fingerprint;
 use crate::core::codec::{self, FrameKind, Wire};
 use crate::core::entry::{BatchEntries, CertFingerprint, MetadataEntry};
-use crate::core::ids::VShardId;
+use crate::core::ids::{NodeId, VShardId};
 use crate::core::kv::{KvCommand, KvQuery, KvResponse};
 use crate::core::token::{JoinToken, JoinTokenTransitionKind};
+use crate::core::topology::TopologyChange;
 use crate::node::join::{admit, Issuer, JoinError, JoinGrant, JoinRequest};
 use crate::node::rpc::{NodeError, NodeStatus, Outcome};
 use crate::node::Node;
@@ -72,6 +73,9 @@ pub enum ClientRequest {
     /// A read on the built-in key-value state machine; linearizable unless
     /// the caller accepts this node's possibly stale replica.
     Get { key: Vec<u8>, linearizable: bool },
+    /// Remove a node that never finished joining, or a decommissioned one,
+    /// from the topology (its id is retired).
+    RemoveNode { node: NodeId },
     /// CA rotation, step 1 (once per node): trust the new CA cluster-wide
     /// and adopt it on this node.
     StageCa { cert_der: Vec<u8>, key_der: Vec<u8> },
@@ -87,7 +91,7 @@ impl Wire for ClientRequest {
 /// One node of the topology, as `keel status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeSummary {
-    pub node: crate::core::ids::NodeId,
+    pub node: NodeId,
     pub addr: String,
     pub state: String,
     /// Active (a learner or voter of group 0), as opposed to joining,
@@ -212,6 +216,15 @@ async fn handle(
                 node.read_stale(vshard, query).await?
             };
             kv_response(&bytes)
+        }
+        ClientRequest::RemoveNode { node: id } => {
+            let leave = MetadataEntry::TopologyChange(TopologyChange::Leave { node_id: id });
+            match node.propose_metadata(leave).await?.outcome {
+                Outcome::Metadata(Some(reason)) => {
+                    Err(ServiceError::BadRequest(reason.to_string()))
+                }
+                _ => Ok(ClientResponse::Done),
+            }
         }
         ClientRequest::StageCa { cert_der, key_der } => {
             stage_ca(node, credentials, cert_der, key_der).await
