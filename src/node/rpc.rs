@@ -76,6 +76,9 @@ pub struct GroupView {
     pub commit: u64,
     pub applied: u64,
     pub voters: Vec<NodeId>,
+    /// The outgoing voters while the group is in a joint configuration
+    /// (empty otherwise): until it leaves it, both sets need a quorum.
+    pub voters_outgoing: Vec<NodeId>,
     pub learners: Vec<NodeId>,
     /// Set if the group fail-stopped on this node (DESIGN.md §3.3).
     pub failed: Option<String>,

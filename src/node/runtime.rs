@@ -1152,6 +1152,7 @@ impl Runtime {
                     commit: s.commit,
                     applied: s.applied,
                     voters: nodes(cs.get_voters()),
+                    voters_outgoing: nodes(cs.get_voters_outgoing()),
                     learners: nodes(cs.get_learners()),
                     failed: self.failed.get(&group).cloned(),
                     peers: {

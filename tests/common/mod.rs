@@ -221,7 +221,10 @@ impl Cluster {
                 for node in &nodes {
                     let view = node.group(group).await.ok()?;
                     if let Some(view) = view {
-                        if view.is_leader && view.voters.len() == want {
+                        // Settled: no joint configuration and no learner
+                        // left, so any majority of the voters can elect.
+                        let settled = view.voters_outgoing.is_empty() && view.learners.is_empty();
+                        if view.is_leader && view.voters.len() == want && settled {
                             return Some(());
                         }
                     }
