@@ -17,10 +17,14 @@ use keel::core::hlc::Hlc;
 use keel::core::ids::{DescriptorId, GroupId, NodeId, VShardId};
 use keel::core::kv::{KvCommand, KvQuery, KvResponse, KvStateMachine};
 use keel::core::lease::DescriptorLease;
+use keel::core::migration::MigrationPhaseTag;
+use keel::core::rebalance::PlannedMove;
 use keel::core::token::{JoinToken, JoinTokenTransitionKind};
+use keel::core::topology::NodeState;
 use keel::core::topology::TopologyChange;
 use keel::io::{seeded_rng, NodeIo};
 use keel::node::join::JoinRequest;
+use keel::node::migrate::MigrationConfig;
 use keel::node::rpc::{NodeError, Outcome};
 use keel::node::service::{serve, Caller, ClientRequest, ClientResponse};
 use keel::node::{start, MachineFactory, Node, NodeConfig};
@@ -314,6 +318,14 @@ impl SimCluster {
                 ));
             }
         }
+        if self.swarm.migration_ops > 0 {
+            let machine = self.handle.create_node().name("mover").build();
+            machine.spawn(migration_loop(
+                self.swarm.clone(),
+                self.registry.clone(),
+                self.rng.next_u64(),
+            ));
+        }
         let chaos_end = Instant::now() + Duration::from_millis(self.swarm.chaos_ms);
         loop {
             let clients_done = done.load(Ordering::SeqCst) == self.swarm.clients;
@@ -328,8 +340,52 @@ impl SimCluster {
             let pause = 1 + self.rng.next_u64() % (2 * self.swarm.fault_interval_ms);
             sleep(Duration::from_millis(pause)).await;
             self.restart_stopped();
-            self.inject_fault();
+            if self.swarm.kills && self.rng.next_u64() % 3 == 0 {
+                self.kill_coordinator().await;
+            } else {
+                self.inject_fault();
+            }
         }
+    }
+
+    /// Kills the group-0 leader — the migration coordinator — while a
+    /// migration is open, so that every phase gets resumed (or aborted) by
+    /// a new coordinator in some seed.
+    async fn kill_coordinator(&mut self) {
+        for id in self.up_nodes() {
+            let Some(node) = self.node(id) else { continue };
+            let Ok(Some(view)) = node.group(GroupId::METADATA).await else {
+                continue;
+            };
+            if !view.is_leader {
+                continue;
+            }
+            let open = node.metadata_local().await.is_ok_and(|state| {
+                state
+                    .migrations
+                    .values()
+                    .any(|row| row.phase != MigrationPhaseTag::Complete)
+            });
+            if open {
+                self.log(format!("kill coordinator {id}"));
+                self.kill(id);
+            }
+            return;
+        }
+    }
+
+    /// Migration completeness (DESIGN.md §8): every migration ended
+    /// `Complete` or was aborted, and nothing was leaked — no fence or
+    /// partial copy in any data group, no replica on a node routing does
+    /// not list, no ghost stub past its time.
+    pub async fn migrations_settled(&self) -> Result<(), String> {
+        self.until(
+            LIVENESS_BOUND,
+            "migrations to settle without leaks",
+            Settled,
+        )
+        .await
+        .map_err(|e| format!("migration completeness: {e}"))
     }
 
     /// Restarts nodes that stopped themselves (a storage failure), as a
@@ -605,6 +661,13 @@ fn node_main(
             config.engine.compact_threshold = 200;
             // Joins abandoned under chaos come back within the run.
             config.join_dead_man = Duration::from_secs(2);
+            // Moves time out, and ghost stubs expire, within a run.
+            config.migration = MigrationConfig {
+                poll: Duration::from_millis(50),
+                phase_timeout: Duration::from_secs(8),
+                ghost_ttl: Duration::from_secs(2),
+                ..MigrationConfig::default()
+            };
             let bootstrap = (id == n(1)).then(|| Bootstrap {
                 cluster_id: swarm
                     .seed
@@ -753,7 +816,7 @@ async fn execute(node: &Node, key: &str, op: &Op) -> HistoryOutcome {
                         Ok(KvResponse::Value(_)) => HistoryOutcome::Ok(None),
                         _ => HistoryOutcome::Fail,
                     },
-                    Outcome::Metadata(_) => HistoryOutcome::Info,
+                    Outcome::Metadata(_) | Outcome::Control(_) => HistoryOutcome::Info,
                 },
                 Err(e) => indefinite(&e),
             }
@@ -771,7 +834,7 @@ async fn execute(node: &Node, key: &str, op: &Op) -> HistoryOutcome {
                         Ok(KvResponse::CasFailed { .. }) => HistoryOutcome::Fail,
                         _ => HistoryOutcome::Info,
                     },
-                    Outcome::Metadata(_) => HistoryOutcome::Info,
+                    Outcome::Metadata(_) | Outcome::Control(_) => HistoryOutcome::Info,
                 },
                 Err(e) => indefinite(&e),
             }
@@ -783,9 +846,10 @@ async fn execute(node: &Node, key: &str, op: &Op) -> HistoryOutcome {
 /// leave its fate unknown.
 fn indefinite(error: &NodeError) -> HistoryOutcome {
     match error {
-        NodeError::NoMetadata | NodeError::BadRequest(_) | NodeError::WrongGroup(_) => {
-            HistoryOutcome::Fail
-        }
+        NodeError::NoMetadata
+        | NodeError::BadRequest(_)
+        | NodeError::WrongGroup(_)
+        | NodeError::Unavailable(_) => HistoryOutcome::Fail,
         _ => HistoryOutcome::Info,
     }
 }
@@ -860,6 +924,87 @@ async fn metadata_loop(
         };
         let _ = node.propose_metadata(entry).await;
         sleep(Duration::from_millis(50 + rng.next_u64() % 200)).await;
+    }
+}
+
+/// Moves under chaos, through the client service of random nodes, as an
+/// operator would start them: vShard moves, replica moves, rebalances and
+/// (at most once, when the cluster can spare a node) a decommission.
+async fn migration_loop(swarm: Swarm, registry: Registry, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut decommissioned = false;
+    for _ in 0..swarm.migration_ops {
+        sleep(Duration::from_millis(200 + rng.next_u64() % 600)).await;
+        let nodes: Vec<Node> = lock(&registry).values().cloned().collect();
+        if nodes.is_empty() {
+            continue;
+        }
+        let via = nodes[(rng.next_u64() % nodes.len() as u64) as usize].clone();
+        let Ok(state) = via.metadata_local().await else {
+            continue;
+        };
+        let group = GroupId(1 + rng.next_u64() % swarm.data_groups);
+        let active: Vec<NodeId> = state
+            .topology
+            .nodes()
+            .filter(|(_, info)| matches!(info.state, NodeState::Active(_)))
+            .map(|(id, _)| id)
+            .collect();
+        let request = match rng.next_u64() % 10 {
+            0..=3 => {
+                let vshard = VShardId::new((rng.next_u64() % 1024) as u16).expect("in range");
+                let from = state.routing.lookup(vshard).group;
+                if group == from {
+                    continue;
+                }
+                ClientRequest::Migrate(PlannedMove::VShard {
+                    vshard,
+                    from,
+                    to: group,
+                })
+            }
+            4..=7 => {
+                let Some(route) = state.routing.group(group) else {
+                    continue;
+                };
+                let members: Vec<NodeId> = route
+                    .voters
+                    .iter()
+                    .chain(&route.learners)
+                    .copied()
+                    .collect();
+                let targets: Vec<NodeId> = active
+                    .iter()
+                    .copied()
+                    .filter(|id| !route.is_member(*id))
+                    .collect();
+                if members.is_empty() || targets.is_empty() {
+                    continue;
+                }
+                ClientRequest::Migrate(PlannedMove::Replica {
+                    group,
+                    source: members[(rng.next_u64() % members.len() as u64) as usize],
+                    target: targets[(rng.next_u64() % targets.len() as u64) as usize],
+                })
+            }
+            8 => ClientRequest::Rebalance {
+                dry_run: false,
+                max_moves: 2,
+            },
+            _ => {
+                // Only with a node to spare beyond the replication factor.
+                if decommissioned || (active.len() as u64) <= swarm.replication_factor as u64 + 1 {
+                    continue;
+                }
+                decommissioned = true;
+                let node = active[(rng.next_u64() % active.len() as u64) as usize];
+                ClientRequest::Decommission {
+                    node,
+                    dry_run: rng.next_u64() % 4 == 0,
+                }
+            }
+        };
+        let _ = service_call(&via, Caller::Admin, &request).await;
     }
 }
 
@@ -1022,10 +1167,13 @@ impl AsyncCheck<()> for Writable {
             value: b"live".to_vec(),
         };
         let vshard = command.vshard();
-        node.propose(vshard, codec::encode(&command))
-            .await
-            .ok()
-            .map(|_| ())
+        match node.propose(vshard, codec::encode(&command)).await {
+            Ok(_) => Some(()),
+            Err(e) => {
+                tracing::debug!(target: "keel_sim", key = %self.0, error = %e, "liveness write failed");
+                None
+            }
+        }
     }
 }
 
@@ -1041,12 +1189,59 @@ impl AsyncCheck<Option<String>> for Readable {
     }
 }
 
+/// See [`SimCluster::migrations_settled`].
+struct Settled;
+impl AsyncCheck<()> for Settled {
+    async fn check(&mut self, c: &SimCluster) -> Option<()> {
+        let node = c.node(*c.up_nodes().first()?)?;
+        let state = node.metadata().await.ok()?;
+        if state
+            .migrations
+            .values()
+            .any(|row| row.phase != MigrationPhaseTag::Complete)
+        {
+            return None;
+        }
+        if state.routing.ghosts().next().is_some() {
+            return None;
+        }
+        for id in c.up_nodes() {
+            let status = c.node(id)?.status().await.ok()?;
+            for view in status.groups.iter().filter(|g| !g.group.is_metadata()) {
+                let listed = state
+                    .routing
+                    .group(view.group)
+                    .is_some_and(|r| r.is_member(id));
+                if !view.unsettled.is_empty() || !listed {
+                    return None;
+                }
+            }
+        }
+        Some(())
+    }
+}
+
 /// All replicas of the group report the same state at the same index.
 struct Converged(GroupId);
 impl AsyncCheck<Vec<(NodeId, Vec<u8>)>> for Converged {
     async fn check(&mut self, c: &SimCluster) -> Option<Vec<(NodeId, Vec<u8>)>> {
         let mut states = Vec::new();
+        let node = c.node(*c.up_nodes().first()?)?;
+        let state = node.metadata().await.ok()?;
         for id in c.up_nodes() {
+            // Only current members must converge: a decommissioned node
+            // keeps its last view of group 0, and left it for good.
+            let member = if self.0.is_metadata() {
+                state
+                    .topology
+                    .get(id)
+                    .is_some_and(|info| info.state != NodeState::Decommissioned)
+            } else {
+                state.routing.group(self.0).is_some_and(|r| r.is_member(id))
+            };
+            if !member {
+                continue;
+            }
             if let Some((index, bytes)) = c.node(id)?.local_snapshot(self.0).await.ok()? {
                 states.push((id, index, bytes));
             }

@@ -73,5 +73,6 @@ async fn phases(
     cluster.liveness().await?;
     cluster.final_reads(history).await?;
     cluster.tokens_used_once()?;
+    cluster.migrations_settled().await?;
     cluster.converged().await
 }

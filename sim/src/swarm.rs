@@ -30,6 +30,9 @@ pub struct Swarm {
     pub cas_percent: u64,
     /// Metadata (group-0) operations in the chaos phase.
     pub metadata_ops: u64,
+    /// Replica moves, vShard moves, rebalances and decommissions started
+    /// during the chaos phase.
+    pub migration_ops: u64,
     /// Simulated milliseconds the chaos phase lasts at least.
     pub chaos_ms: u64,
     /// Mean simulated milliseconds between two injected faults (0: none).
@@ -127,6 +130,12 @@ impl Swarm {
             clock_offset_ms: pick(&mut rng, 0, 200),
             clock_drift_ppm: pick(&mut rng, 0, 200),
             tick_ms: pick(&mut rng, 20, 100),
+            // Drawn last, so the draws before keep their meaning.
+            migration_ops: if chance(&mut rng, 80) {
+                pick(&mut rng, 1, 12)
+            } else {
+                0
+            },
         }
     }
 

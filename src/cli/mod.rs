@@ -3,6 +3,7 @@
 //! sentence on stderr and a non-zero exit code.
 
 pub mod client;
+pub mod migrate;
 mod offline;
 pub mod status;
 mod up;
@@ -40,7 +41,7 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
-    /// Nodes, groups, leaders, routing epoch and health.
+    /// Nodes, groups, leaders, routing epoch, migrations and health.
     Status {
         #[command(flatten)]
         client: ClientArgs,
@@ -58,6 +59,15 @@ enum Command {
         #[command(subcommand)]
         command: KvCommandArg,
     },
+    /// Start a migration and follow it until it is done.
+    Migrate {
+        #[command(subcommand)]
+        command: migrate::MigrateCommand,
+    },
+    /// Move every replica off a node, then remove it from the cluster.
+    Decommission(migrate::DecommissionArgs),
+    /// Even out replicas, leaders and vShards across the nodes.
+    Rebalance(migrate::RebalanceArgs),
     /// The cluster CA.
     Ca {
         #[command(subcommand)]
@@ -235,6 +245,9 @@ async fn run(command: Command) -> Result<(), String> {
         }
         Command::Token { command } => token(command).await,
         Command::Kv { command } => kv(command).await,
+        Command::Migrate { command } => migrate::migrate(command).await,
+        Command::Decommission(args) => migrate::decommission(args).await,
+        Command::Rebalance(args) => migrate::rebalance(args).await,
         Command::Ca {
             command:
                 CaCommand::Rotate {

@@ -2,10 +2,11 @@
 //! together from every node's own view.
 
 use crate::cli::client::AdminClient;
+use crate::cli::migrate::{pause, RECENT_COMPLETED};
 use crate::core::codec::hex;
 use crate::core::ids::{GroupId, NodeId};
 use crate::node::rpc::GroupView;
-use crate::node::service::ClusterStatus;
+use crate::node::service::{ClusterStatus, MigrationSummary};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -17,7 +18,7 @@ pub struct StatusReport {
     pub routing_epoch: u64,
     pub trusted_cas: Vec<String>,
     pub live_tokens: usize,
-    pub migrations: usize,
+    pub migrations: Vec<MigrationSummary>,
     pub nodes: Vec<NodeReport>,
     pub groups: Vec<GroupReport>,
     pub healthy: bool,
@@ -133,7 +134,7 @@ pub fn assemble(
         routing_epoch: first.routing_epoch,
         trusted_cas: first.trusted_cas.iter().map(|fp| hex(fp)).collect(),
         live_tokens: first.live_tokens,
-        migrations: first.migrations,
+        migrations: first.migrations.clone(),
         healthy: problems.is_empty(),
         problems,
         nodes,
@@ -156,7 +157,7 @@ pub fn render(r: &StatusReport) -> String {
         r.routing_epoch,
         r.trusted_cas.len(),
         r.live_tokens,
-        r.migrations
+        r.migrations.iter().filter(|m| !m.complete).count()
     );
     out.push_str(&format!(
         "{:<6}{:<24}{:<20}{:<11}{}\n",
@@ -187,6 +188,7 @@ pub fn render(r: &StatusReport) -> String {
             list(&g.learners)
         ));
     }
+    out.push_str(&render_migrations(&r.migrations));
     if r.healthy {
         out.push_str("\nhealth: ok\n");
     } else {
@@ -196,4 +198,83 @@ pub fn render(r: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// Unfinished migrations with their phase and attempt, then the last few
+/// completed ones with their measured write pause.
+fn render_migrations(rows: &[MigrationSummary]) -> String {
+    let mut out = String::new();
+    let mut open: Vec<&MigrationSummary> = rows.iter().filter(|m| !m.complete).collect();
+    open.sort_by_key(|m| m.updated_ms);
+    if !open.is_empty() {
+        out.push_str(&format!(
+            "\n{:<38}{:<15}{:<9}{}\n",
+            "MIGRATION", "PHASE", "ATTEMPT", "WHAT"
+        ));
+        for m in open {
+            out.push_str(&format!(
+                "{:<38}{:<15}{:<9}{}\n",
+                m.id, m.phase, m.attempt, m.what
+            ));
+        }
+    }
+    let mut done: Vec<&MigrationSummary> = rows.iter().filter(|m| m.complete).collect();
+    if !done.is_empty() {
+        done.sort_by_key(|m| std::cmp::Reverse(m.updated_ms));
+        let shown = done.len().min(RECENT_COMPLETED);
+        out.push_str(&format!(
+            "\nCOMPLETED ({shown} most recent of {})\n{:<14}{}\n",
+            done.len(),
+            "WRITE PAUSE",
+            "WHAT"
+        ));
+        for m in &done[..shown] {
+            out.push_str(&format!("{:<14}{}\n", pause(m), m.what));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(
+        id: &str,
+        phase: &str,
+        complete: bool,
+        pause_us: Option<u64>,
+        ms: u64,
+    ) -> MigrationSummary {
+        MigrationSummary {
+            id: id.into(),
+            what: format!("move vShard {ms} from group 1 to group 2"),
+            phase: phase.into(),
+            attempt: 2,
+            complete,
+            write_pause_us: pause_us,
+            updated_ms: ms,
+        }
+    }
+
+    #[test]
+    fn migrations_show_open_ones_and_the_latest_completed() {
+        let mut rows = vec![row("open-1", "Tail", false, None, 1)];
+        for ms in 10..20 {
+            rows.push(row(
+                &format!("done-{ms}"),
+                "Complete",
+                true,
+                Some(ms * 1000 + 250),
+                ms,
+            ));
+        }
+        let text = render_migrations(&rows);
+        assert!(text.contains("open-1"), "{text}");
+        assert!(text.contains("Tail"), "{text}");
+        assert!(text.contains("COMPLETED (5 most recent of 10)"), "{text}");
+        assert!(text.contains("19.2 ms"), "{text}");
+        assert!(!text.contains("vShard 14 "), "only the latest five: {text}");
+        assert!(render_migrations(&[]).is_empty());
+    }
 }

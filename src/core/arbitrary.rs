@@ -144,6 +144,7 @@ pub fn checkpoint_payload() -> impl Strategy<Value = MigrationCheckpointPayload>
                         target_group,
                         copy_index,
                         tail_index,
+                        fenced_at_ms: write_pause_us.map(|p| p / 3),
                         write_pause_us,
                     })
                 }
@@ -172,6 +173,8 @@ pub fn compensation() -> impl Strategy<Value = Compensation> {
             .prop_map(|(group_id, node_id)| Compensation::RemoveLearner { group_id, node_id }),
         (group_id(), node_id())
             .prop_map(|(group_id, node_id)| Compensation::RemoveVoter { group_id, node_id }),
+        (group_id(), node_id())
+            .prop_map(|(group_id, node_id)| Compensation::RestoreVoter { group_id, node_id }),
         (group_id(), node_id())
             .prop_map(|(group_id, node_id)| Compensation::RestoreLeaderHint { group_id, node_id }),
         (vshard_id(), group_id()).prop_map(|(vshard_id, group_id)| Compensation::Unfence {

@@ -19,7 +19,8 @@ use crate::core::hooks::{AppliedEvent, AuditRecord, MetadataHooks};
 use crate::core::ids::{GroupId, MigrationId, NodeId};
 use crate::core::lease::{LeaseError, LeaseTable};
 use crate::core::migration::{
-    CheckpointCorruption, Compensation, MigrationError, MigrationRow, UpsertDecision,
+    CheckpointCorruption, Compensation, MigrationError, MigrationPhaseTag, MigrationRow,
+    UpsertDecision,
 };
 use crate::core::routing::{RoutingChange, RoutingError, RoutingTable};
 use crate::core::token::{TokenError, TokenTable};
@@ -426,6 +427,100 @@ impl MetadataState {
         Ok(())
     }
 
+    /// A new migration starts only if what it moves is where it says, and
+    /// no other unfinished migration changes one of its groups. Checked at
+    /// apply time, so two coordinators racing to start moves on one group
+    /// cannot both win.
+    fn check_migration_start(&self, row: &MigrationRow) -> Result<(), MigrationError> {
+        use crate::core::migration::MigrationCheckpointPayload as Payload;
+        use crate::core::topology::NodeState;
+        let migration_id = row.migration_id;
+        let payload = row.verify().map_err(MigrationError::Unverified)?;
+        let cannot = |reason: String| MigrationError::CannotStart {
+            migration_id,
+            reason,
+        };
+        for group in payload.groups() {
+            if self.routing.group(group).is_none() {
+                return Err(cannot(format!("group {group} does not exist")));
+            }
+            let busy = self.migrations.iter().find(|(_, other)| {
+                other.phase != MigrationPhaseTag::Complete
+                    && other.verify().map_or(true, |p| p.groups().contains(&group))
+            });
+            if let Some((&other, _)) = busy {
+                return Err(MigrationError::GroupBusy {
+                    migration_id,
+                    group,
+                    other,
+                });
+            }
+        }
+        match payload {
+            Payload::Replica(p) => {
+                let route = self
+                    .routing
+                    .group(p.group_id)
+                    .ok_or_else(|| cannot(format!("group {} does not exist", p.group_id)))?;
+                if !route.is_member(p.source) {
+                    return Err(cannot(format!(
+                        "node {} holds no replica of group {}",
+                        p.source, p.group_id
+                    )));
+                }
+                if route.is_member(p.target) {
+                    return Err(cannot(format!(
+                        "node {} already holds a replica of group {}",
+                        p.target, p.group_id
+                    )));
+                }
+                let active = self
+                    .topology
+                    .get(p.target)
+                    .is_some_and(|info| matches!(info.state, NodeState::Active(_)));
+                if !active {
+                    return Err(cannot(format!("node {} is not an active node", p.target)));
+                }
+            }
+            Payload::VShard(p) => {
+                let serving = self.routing.lookup(p.vshard_id).group;
+                if serving != p.source_group {
+                    return Err(cannot(format!(
+                        "vShard {} is served by group {serving}, not {}",
+                        p.vshard_id, p.source_group
+                    )));
+                }
+                if p.target_group == p.source_group {
+                    return Err(cannot(format!(
+                        "vShard {} is already in group {}",
+                        p.vshard_id, p.target_group
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A migration past its point of no return can only be finished: a
+    /// replica move once cut over, a vShard move once routing sends the
+    /// vShard to its target. Checked at apply time, so an abort decided
+    /// by a coordinator that lost its role can never undo a finished move.
+    fn check_abortable(&self, row: &MigrationRow) -> Result<(), MigrationError> {
+        use crate::core::migration::MigrationCheckpointPayload as Payload;
+        let reassigned = match row.verify().map_err(MigrationError::Unverified)? {
+            Payload::VShard(p) => self.routing.lookup(p.vshard_id).group == p.target_group,
+            Payload::Replica(_) => false,
+        };
+        let payload = row.verify().map_err(MigrationError::Unverified)?;
+        if crate::core::migration::compensations(&payload, row.phase, reassigned).is_none() {
+            return Err(MigrationError::PastNoReturn {
+                migration_id: row.migration_id,
+                phase: row.phase,
+            });
+        }
+        Ok(())
+    }
+
     fn apply_compensation(
         &mut self,
         index: u64,
@@ -447,6 +542,11 @@ impl MetadataState {
                 .group(group_id)
                 .filter(|g| g.voters.contains(&node_id))
                 .map(|_| RoutingChange::RemoveMember { group_id, node_id }),
+            Compensation::RestoreVoter { group_id, node_id } => self
+                .routing
+                .group(group_id)
+                .filter(|g| g.learners.contains(&node_id))
+                .map(|_| RoutingChange::PromoteLearner { group_id, node_id }),
             Compensation::RestoreLeaderHint { group_id, node_id } => self
                 .routing
                 .group(group_id)
@@ -629,7 +729,11 @@ fn apply_entry(
             row.verify()
                 .map_err(|c| EntryOutcome::Failed(FailCause::CorruptCheckpoint(c)))?;
             let existing = state.migrations.get(migration_id);
-            match MigrationRow::decide(existing, &row).map_err(rejected)? {
+            let decision = MigrationRow::decide(existing, &row).map_err(rejected)?;
+            if decision == UpsertDecision::Insert {
+                state.check_migration_start(&row).map_err(rejected)?;
+            }
+            match decision {
                 UpsertDecision::Insert | UpsertDecision::Replace => {
                     state.migrations.insert(*migration_id, row);
                 }
@@ -641,11 +745,12 @@ fn apply_entry(
             reason: _,
             compensations,
         } => {
-            if !state.migrations.contains_key(migration_id) {
+            let Some(row) = state.migrations.get(migration_id) else {
                 return Err(rejected(MigrationError::UnknownMigration {
                     migration_id: *migration_id,
                 }));
-            }
+            };
+            state.check_abortable(row).map_err(rejected)?;
             for (position, compensation) in compensations.iter().enumerate() {
                 state
                     .apply_compensation(index, *migration_id, compensation, events)
@@ -974,9 +1079,65 @@ mod tests {
     }
 
     #[test]
+    fn a_migration_starts_only_where_it_fits_and_one_per_group() {
+        let mut cache = bootstrap();
+        let mut events = Vec::new();
+        apply_entries(&mut cache, cluster_prefix(), &mut events).unwrap();
+        let first = replica_checkpoint(MigrationPhaseTag::AddLearner, 0);
+        apply_entries(&mut cache, vec![checkpoint_entry(&first)], &mut events).unwrap();
+        assert_eq!(cache.state().migrations.len(), 1);
+        // A second move of group 1 is refused while the first is unfinished.
+        let mut second = first.clone();
+        second.migration_id = MigrationId::from_random_bytes([2; 16]);
+        let rejected = cache.state().rejected_total;
+        apply_entries(&mut cache, vec![checkpoint_entry(&second)], &mut events).unwrap();
+        assert_eq!(cache.state().rejected_total, rejected + 1);
+        assert!(matches!(
+            &cache.state().recent_rejections.back().unwrap().reason,
+            RejectReason::Migration(MigrationError::GroupBusy { .. })
+        ));
+        // A move of a replica the source does not hold is refused.
+        let stray = MigrationRow::new(
+            MigrationId::from_random_bytes([3; 16]),
+            MigrationPhaseTag::AddLearner,
+            0,
+            &MigrationCheckpointPayload::Replica(ReplicaMovePayload {
+                group_id: GroupId(2),
+                source: n(4),
+                target: n(5),
+                source_was_leader: false,
+                caught_up_index: 0,
+                write_pause_us: None,
+            }),
+            1,
+        );
+        apply_entries(&mut cache, vec![checkpoint_entry(&stray)], &mut events).unwrap();
+        assert!(matches!(
+            &cache.state().recent_rejections.back().unwrap().reason,
+            RejectReason::Migration(MigrationError::CannotStart { reason, .. }) if reason.contains("holds no replica")
+        ));
+        assert_eq!(cache.state().migrations.len(), 1);
+    }
+
+    #[test]
     fn checkpoint_crc_mismatch_fail_stops_the_group() {
         let mut cache = bootstrap();
-        let good = replica_checkpoint(MigrationPhaseTag::AddLearner, 0);
+        // A move that fits the bootstrap routing: vShard 0 is in group 1.
+        let good = MigrationRow::new(
+            MigrationId::from_random_bytes([1; 16]),
+            MigrationPhaseTag::Copy,
+            0,
+            &MigrationCheckpointPayload::VShard(crate::core::migration::VShardMovePayload {
+                vshard_id: VShardId::new(0).unwrap(),
+                source_group: GroupId(1),
+                target_group: GroupId(2),
+                copy_index: 0,
+                tail_index: 0,
+                fenced_at_ms: None,
+                write_pause_us: None,
+            }),
+            42,
+        );
         let mut bad = replica_checkpoint(MigrationPhaseTag::CatchUp, 0);
         bad.crc32c ^= 1;
         let log = log_of(
@@ -1084,11 +1245,11 @@ mod tests {
         let mut events = Vec::new();
         let mut entries = cluster_prefix();
         let row = replica_checkpoint(MigrationPhaseTag::AddLearner, 0);
+        entries.push(checkpoint_entry(&row));
         entries.push(MetadataEntry::RoutingChange(RoutingChange::AddLearner {
             group_id: GroupId(1),
             node_id: n(2),
         }));
-        entries.push(checkpoint_entry(&row));
         apply_entries(&mut cache, entries, &mut events).unwrap();
         assert!(cache
             .state()

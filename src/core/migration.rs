@@ -113,6 +113,10 @@ pub struct VShardMovePayload {
     pub copy_index: u64,
     /// The index of the source group's log the tail has reached.
     pub tail_index: u64,
+    /// When the source was fenced (the coordinator's wall clock), so that a
+    /// coordinator resuming the move after a crash still measures the
+    /// whole write pause.
+    pub fenced_at_ms: Option<u64>,
     /// The measured write pause, recorded in the `Complete` checkpoint.
     pub write_pause_us: Option<u64>,
 }
@@ -129,6 +133,15 @@ impl MigrationCheckpointPayload {
         match self {
             MigrationCheckpointPayload::Replica(_) => MigrationKind::Replica,
             MigrationCheckpointPayload::VShard(_) => MigrationKind::VShard,
+        }
+    }
+
+    /// The data groups the migration changes: at most one migration may
+    /// touch a group at a time.
+    pub fn groups(&self) -> Vec<GroupId> {
+        match self {
+            MigrationCheckpointPayload::Replica(p) => vec![p.group_id],
+            MigrationCheckpointPayload::VShard(p) => vec![p.source_group, p.target_group],
         }
     }
 }
@@ -148,6 +161,12 @@ pub enum Compensation {
         node_id: NodeId,
     },
     RemoveVoter {
+        group_id: GroupId,
+        node_id: NodeId,
+    },
+    /// Makes a demoted move source a voter again (a replica move rolled
+    /// back after its joint change).
+    RestoreVoter {
         group_id: GroupId,
         node_id: NodeId,
     },
@@ -257,6 +276,28 @@ pub enum MigrationError {
     },
     #[error("migration {migration_id} is unknown")]
     UnknownMigration { migration_id: MigrationId },
+    #[error(
+        "migration {migration_id} would change group {group}, which migration {other} is \
+         changing; one move per group at a time"
+    )]
+    GroupBusy {
+        migration_id: MigrationId,
+        group: GroupId,
+        other: MigrationId,
+    },
+    #[error(
+        "migration {migration_id} is in phase {phase:?}, past its point of no return; it can \
+         only be finished, not aborted"
+    )]
+    PastNoReturn {
+        migration_id: MigrationId,
+        phase: MigrationPhaseTag,
+    },
+    #[error("migration {migration_id} cannot start: {reason}")]
+    CannotStart {
+        migration_id: MigrationId,
+        reason: String,
+    },
     /// `decide` was handed a row that does not verify, against its contract.
     /// Reported rather than guessed at, so it can still never panic.
     #[error("an upsert decision was asked about an unverified checkpoint: {0}")]
@@ -386,6 +427,76 @@ impl MigrationRow {
     }
 }
 
+/// The undo steps of a migration aborted in `phase`, in the order they must
+/// apply (DESIGN.md §5), or `None` once the migration is past the point of
+/// no return and can only be finished: a replica move after its cutover,
+/// a vShard move once routing sends the vShard to the target
+/// (`reassigned`). Every routing compensation is conditional when applied
+/// (see the metadata applier), so a list that covers a step that never
+/// happened is harmless.
+pub fn compensations(
+    payload: &MigrationCheckpointPayload,
+    phase: MigrationPhaseTag,
+    reassigned: bool,
+) -> Option<Vec<Compensation>> {
+    use MigrationPhaseTag as P;
+    match (payload, phase) {
+        (MigrationCheckpointPayload::Replica(p), P::AddLearner | P::CatchUp) => {
+            Some(vec![Compensation::RemoveLearner {
+                group_id: p.group_id,
+                node_id: p.target,
+            }])
+        }
+        (MigrationCheckpointPayload::Replica(p), P::PromoteLearner | P::LeadershipTransfer) => {
+            // The source becomes a voter again before the target leaves, so
+            // the group never drops below its voters; the leader hint can
+            // only name a voter, so it comes last.
+            let mut undo = vec![
+                Compensation::RestoreVoter {
+                    group_id: p.group_id,
+                    node_id: p.source,
+                },
+                Compensation::RemoveVoter {
+                    group_id: p.group_id,
+                    node_id: p.target,
+                },
+                Compensation::RemoveLearner {
+                    group_id: p.group_id,
+                    node_id: p.target,
+                },
+            ];
+            if p.source_was_leader {
+                undo.push(Compensation::RestoreLeaderHint {
+                    group_id: p.group_id,
+                    node_id: p.source,
+                });
+            }
+            Some(undo)
+        }
+        (MigrationCheckpointPayload::VShard(p), P::Copy | P::Tail) => {
+            Some(vec![Compensation::DropPartialCopy {
+                vshard_id: p.vshard_id,
+                group_id: p.target_group,
+            }])
+        }
+        (MigrationCheckpointPayload::VShard(p), P::Fence | P::FinalCatchUp | P::Reassign)
+            if !reassigned =>
+        {
+            Some(vec![
+                Compensation::Unfence {
+                    vshard_id: p.vshard_id,
+                    group_id: p.source_group,
+                },
+                Compensation::DropPartialCopy {
+                    vshard_id: p.vshard_id,
+                    group_id: p.target_group,
+                },
+            ])
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -423,6 +534,7 @@ mod tests {
             target_group: GroupId(2),
             copy_index: 10,
             tail_index: 12,
+            fenced_at_ms: Some(900),
             write_pause_us: Some(1_500),
         })
     }
@@ -433,6 +545,52 @@ mod tests {
 
     fn vshard_row(phase: MigrationPhaseTag, attempt: u32) -> MigrationRow {
         MigrationRow::new(mid(), phase, attempt, &vshard_payload(), 1_000)
+    }
+
+    #[test]
+    fn compensations_undo_in_order_until_the_point_of_no_return() {
+        let replica = replica_payload();
+        assert_eq!(
+            compensations(&replica, P::CatchUp, false),
+            Some(vec![Compensation::RemoveLearner {
+                group_id: GroupId(3),
+                node_id: node(4)
+            }])
+        );
+        let undo = compensations(&replica, P::LeadershipTransfer, false).unwrap();
+        assert_eq!(
+            undo.first(),
+            Some(&Compensation::RestoreVoter {
+                group_id: GroupId(3),
+                node_id: node(1)
+            })
+        );
+        assert_eq!(
+            undo.last(),
+            Some(&Compensation::RestoreLeaderHint {
+                group_id: GroupId(3),
+                node_id: node(1)
+            })
+        );
+        assert_eq!(compensations(&replica, P::Cutover, false), None);
+        let vshard = vshard_payload();
+        assert_eq!(
+            compensations(&vshard, P::Tail, false).map(|u| u.len()),
+            Some(1)
+        );
+        assert_eq!(
+            compensations(&vshard, P::Reassign, false).map(|u| u.len()),
+            Some(2)
+        );
+        assert!(matches!(
+            compensations(&vshard, P::Fence, false).as_deref(),
+            Some([
+                Compensation::Unfence { .. },
+                Compensation::DropPartialCopy { .. }
+            ])
+        ));
+        assert_eq!(compensations(&vshard, P::Reassign, true), None);
+        assert_eq!(compensations(&vshard, P::Complete, false), None);
     }
 
     #[test]
@@ -692,6 +850,7 @@ mod tests {
                         target_group: target,
                         copy_index: copy,
                         tail_index: tail,
+                        fenced_at_ms: pause.map(|p| p / 2),
                         write_pause_us: pause,
                     })
                 }),
@@ -705,6 +864,8 @@ mod tests {
             }),
             (arb_group(), arb_node())
                 .prop_map(|(group_id, node_id)| Compensation::RemoveVoter { group_id, node_id }),
+            (arb_group(), arb_node())
+                .prop_map(|(group_id, node_id)| Compensation::RestoreVoter { group_id, node_id }),
             (arb_group(), arb_node()).prop_map(|(group_id, node_id)| {
                 Compensation::RestoreLeaderHint { group_id, node_id }
             }),

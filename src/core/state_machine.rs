@@ -7,6 +7,7 @@
 //! so the trait is all the engine knows about a group's data.
 
 use crate::core::codec::CodecError;
+use crate::core::ids::VShardId;
 
 /// A data group's replicated state machine, supplied by the host (or keel's
 /// `KvStateMachine`).
@@ -43,6 +44,20 @@ pub trait DataStateMachine: Send {
     /// from a peer or from disk): malformed bytes give an error and leave the
     /// state unchanged.
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), StateMachineError>;
+
+    /// One vShard's data, for a vShard move (DESIGN.md §5): bytes that
+    /// [`import_vshard`](Self::import_vshard) of the same machine type
+    /// accepts. Must be deterministic, like `snapshot`.
+    fn export_vshard(&self, vshard: VShardId) -> Vec<u8>;
+
+    /// Replaces `vshard`'s data with an export of it. The bytes are
+    /// untrusted: malformed bytes, or data of another vShard, give an error
+    /// and leave the state unchanged. Every replica of the target group
+    /// imports the same bytes at the same index.
+    fn import_vshard(&mut self, vshard: VShardId, export: &[u8]) -> Result<(), StateMachineError>;
+
+    /// Deletes `vshard`'s data (the source after a move, or an aborted copy).
+    fn drop_vshard(&mut self, vshard: VShardId);
 }
 
 /// A snapshot that cannot be restored.

@@ -149,6 +149,7 @@ mod tests {
             target_group: GroupId(3),
             copy_index: 100,
             tail_index: 140,
+            fenced_at_ms: Some(5),
             write_pause_us: Some(800),
         });
         MigrationRow::new(migration, phase, attempt, &payload, 78)

@@ -182,17 +182,18 @@ fn transition(
 fn rejection(outcome: Outcome) -> Option<RejectReason> {
     match outcome {
         Outcome::Metadata(reason) => reason,
-        Outcome::Data(_) => None,
+        Outcome::Data(_) | Outcome::Control(_) => None,
     }
 }
 
-/// Admits the joiner described by `request` through `node`, signing with
-/// `issuer`. See the module documentation for the protocol.
-pub async fn admit(
-    node: &Node,
-    issuer: &dyn Issuer,
-    request: &JoinRequest,
-) -> Result<JoinGrant, JoinError> {
+/// Checks everything about a join request that needs no cluster state —
+/// the token string, the address and the CSR — and returns the parsed token.
+///
+/// [`admit`] runs it before it reads or proposes anything, so a malformed
+/// request costs no log entry. It is separate (and synchronous) so that the
+/// fuzzer (`fuzz/targets/join_request.rs`) drives exactly the code that
+/// untrusted joiner input reaches, without a running node.
+pub fn check_request(issuer: &dyn Issuer, request: &JoinRequest) -> Result<JoinToken, JoinError> {
     let token = JoinToken::parse(&request.token).map_err(JoinError::BadToken)?;
     if request.addr.is_empty() || request.addr.len() > MAX_ADDR_LEN {
         return Err(JoinError::BadAddress {
@@ -202,6 +203,17 @@ pub async fn admit(
     issuer
         .check_csr(&request.csr_der)
         .map_err(JoinError::BadCsr)?;
+    Ok(token)
+}
+
+/// Admits the joiner described by `request` through `node`, signing with
+/// `issuer`. See the module documentation for the protocol.
+pub async fn admit(
+    node: &Node,
+    issuer: &dyn Issuer,
+    request: &JoinRequest,
+) -> Result<JoinGrant, JoinError> {
+    let token = check_request(issuer, request)?;
     let state = node.metadata_local().await?;
     if !state.ca_trust.contains_key(&token.ca_fingerprint) {
         return Err(JoinError::WrongCluster);

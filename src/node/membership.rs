@@ -91,21 +91,22 @@ pub fn next_change(
         .intersection(&learners)
         .map(|&n| (ConfChangeType::AddNode, n))
         .collect();
-    // The leader is never demoted by itself; leadership moves first.
+    // Voters to demote: wanted as learners, or not wanted at all — a voter
+    // leaves as a learner first, so that the replica being removed has
+    // stopped counting towards any quorum before it is deleted. The leader
+    // is never demoted by itself; leadership moves first.
     changes.extend(
-        wanted
-            .learners
-            .intersection(&voters)
-            .filter(|&&n| n != me)
+        voters
+            .iter()
+            .filter(|&&n| n != me && !wanted.voters.contains(&n))
             .map(|&n| (ConfChangeType::AddLearnerNode, n)),
     );
     if !changes.is_empty() {
         return Some(changes);
     }
-    voters
+    learners
         .iter()
-        .chain(&learners)
-        .find(|&&n| n != me && !wanted.voters.contains(&n) && !wanted.learners.contains(&n))
+        .find(|&&n| !wanted.voters.contains(&n) && !wanted.learners.contains(&n))
         .map(|&n| vec![(ConfChangeType::RemoveNode, n)])
 }
 
@@ -158,6 +159,11 @@ mod tests {
         assert_eq!(
             next_change(&conf(&[1, 2, 4], &[3], &[]), &wanted(&[1, 2, 4], &[]), me),
             Some(vec![(RemoveNode, n(3))])
+        );
+        // An unwanted voter is demoted before it is removed.
+        assert_eq!(
+            next_change(&conf(&[1, 2, 3, 4], &[], &[]), &wanted(&[1, 2, 4], &[]), me),
+            Some(vec![(AddLearnerNode, n(3))])
         );
     }
 

@@ -7,8 +7,10 @@
 //! forwarded to the leader the node knows (following redirects), so a
 //! client may talk to any node.
 
+mod data_group;
 pub mod join;
 pub mod membership;
+pub mod migrate;
 pub mod rpc;
 mod runtime;
 pub mod service;
@@ -19,6 +21,7 @@ use crate::core::entry::MetadataEntry;
 use crate::core::hlc::DEFAULT_MAX_CLOCK_OFFSET_MS;
 use crate::core::hooks::MetadataHooks;
 use crate::core::ids::{GroupId, NodeId, VShardId};
+use crate::core::vshard_gate::GroupControl;
 use crate::io::clock::WallClock;
 use crate::io::transport::{Transport, TransportError};
 use crate::io::NodeIo;
@@ -45,6 +48,8 @@ pub struct NodeConfig {
     /// leader's clock) before the dead-man timer reverts it to `Issued`:
     /// the joiner or the node admitting it vanished mid-join (DESIGN.md §6).
     pub join_dead_man: Duration,
+    /// How the migration executor runs (DESIGN.md §5).
+    pub migration: migrate::MigrationConfig,
 }
 
 impl NodeConfig {
@@ -56,6 +61,7 @@ impl NodeConfig {
             max_clock_offset_ms: DEFAULT_MAX_CLOCK_OFFSET_MS,
             request_timeout: Duration::from_secs(5),
             join_dead_man: Duration::from_secs(30),
+            migration: migrate::MigrationConfig::default(),
         }
     }
 }
@@ -83,13 +89,17 @@ pub fn start(
     let (tx, rx) = mpsc::unbounded_channel();
     let node = Node {
         id: config.node_id,
-        commands: tx,
+        commands: tx.clone(),
         transport: Arc::clone(&io.transport),
         clock: Arc::clone(&io.clock),
         request_timeout: config.request_timeout,
     };
-    let runtime = Runtime::open(config, io, bootstrap, factory, hooks, rx)?;
+    let migration = config.migration.clone();
+    let runtime = Runtime::open(config, io, bootstrap, factory, hooks, (tx, rx))?;
     let task = tokio::spawn(runtime.run());
+    // The executor acts only while this node leads group 0, and ends when
+    // the runtime does (its requests then fail with `Stopped`).
+    tokio::spawn(migrate::run(node.clone(), migration));
     Ok((node, task))
 }
 
@@ -194,6 +204,7 @@ impl Node {
                 }
                 Err(NodeError::NotLeader { .. })
                 | Err(NodeError::NoMetadata)
+                | Err(NodeError::Unavailable(_))
                 | Err(NodeError::Unreachable { .. }) => {
                     tokio::time::sleep(RETRY_PAUSE).await;
                     group = None;
@@ -251,6 +262,65 @@ impl Node {
             },
         )
         .await
+    }
+
+    /// Proposes a vShard-move step to `group` at its leader; returns once
+    /// it applied (the outcome says whether the group's gates took it).
+    pub async fn propose_control(
+        &self,
+        group: GroupId,
+        control: GroupControl,
+    ) -> Result<Committed, NodeError> {
+        self.with_redirects(
+            |_| Request::ProposeControl {
+                group,
+                control: control.clone(),
+            },
+            |reply| Command::ProposeControl {
+                group,
+                control: control.clone(),
+                reply,
+            },
+            |r| match r {
+                Response::Committed(c) => Some(c),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// `vshard`'s data in `group`, read linearizably at the group's leader,
+    /// with the group index it reflects.
+    pub async fn export_vshard(
+        &self,
+        group: GroupId,
+        vshard: VShardId,
+    ) -> Result<(u64, Vec<u8>), NodeError> {
+        self.with_redirects(
+            |_| Request::ExportVShard { group, vshard },
+            |reply| Command::ExportVShard {
+                group,
+                vshard,
+                reply,
+            },
+            |r| match r {
+                Response::Export { index, data } => Some((index, data)),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    /// The status of another node (or this one).
+    pub async fn status_of(&self, node: NodeId) -> Result<NodeStatus, NodeError> {
+        if node == self.id {
+            return self.status().await;
+        }
+        match self.remote(node, &Request::Status).await? {
+            Response::Status(status) => Ok(status),
+            Response::Error(e) => Err(e),
+            _ => Err(NodeError::BadRequest("unexpected response".into())),
+        }
     }
 
     /// A linearizable read on `vshard`'s group, served by its leader.

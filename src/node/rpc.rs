@@ -8,6 +8,7 @@ use crate::core::entry::MetadataEntry;
 use crate::core::hlc::Hlc;
 use crate::core::ids::{GroupId, NodeId, VShardId};
 use crate::core::routing::WrongGroup;
+use crate::core::vshard_gate::{ControlRefusal, Gate, GateRefusal, GroupControl};
 use serde::{Deserialize, Serialize};
 
 /// One Raft message of one group, in raft-rs's protobuf encoding.
@@ -43,6 +44,17 @@ pub enum Request {
     /// leader).
     ReadMetadata,
     Status,
+    /// Propose a vShard-move step to a data group (at its leader).
+    ProposeControl {
+        group: GroupId,
+        control: GroupControl,
+    },
+    /// One vShard's data at a group's leader, read linearizably (a move's
+    /// copy); answered with [`Response::Export`].
+    ExportVShard {
+        group: GroupId,
+        vshard: VShardId,
+    },
 }
 
 impl Wire for Request {
@@ -56,6 +68,8 @@ pub enum Outcome {
     Metadata(Option<RejectReason>),
     /// A data command: the state machine's response.
     Data(Vec<u8>),
+    /// A vShard-move step: applied, or refused (a deterministic no-op) and why.
+    Control(Option<ControlRefusal>),
 }
 
 /// A committed proposal: where it landed and what it did.
@@ -82,6 +96,8 @@ pub struct GroupView {
     pub learners: Vec<NodeId>,
     /// Set if the group fail-stopped on this node (DESIGN.md §3.3).
     pub failed: Option<String>,
+    /// vShard gates of unfinished moves (fences, partial copies).
+    pub unsettled: Vec<(VShardId, Gate)>,
     /// On the leader: how far each peer is replicated, and raft-rs's
     /// replication state for it (Probe, Replicate, Snapshot).
     pub peers: Vec<PeerProgress>,
@@ -126,6 +142,10 @@ pub enum NodeError {
     Unreachable { peer: NodeId, cause: String },
     #[error("the proposal was dropped before it committed (leadership changed); retry")]
     Dropped,
+    /// The group refused the vShard (a move fences it or took it away); the
+    /// request did not execute, so it may be retried once routing catches up.
+    #[error(transparent)]
+    Unavailable(GateRefusal),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -134,6 +154,11 @@ pub enum Response {
     Read(Vec<u8>),
     Metadata(Box<MetadataState>),
     Status(NodeStatus),
+    /// A vShard's export and the group index it reflects.
+    Export {
+        index: u64,
+        data: Vec<u8>,
+    },
     /// A snapshot frame was received and stepped.
     Ack,
     Error(NodeError),
@@ -149,7 +174,20 @@ impl Wire for Response {
 pub struct DataRecord {
     pub hlc: Hlc,
     pub vshard: VShardId,
-    pub command: Vec<u8>,
+    /// The routing epoch the proposer routed the record with: a group that
+    /// received the vShard in a move serves only records routed after it
+    /// ([`crate::core::vshard_gate`]).
+    pub epoch: u64,
+    pub body: DataBody,
+}
+
+/// What a data group's log record carries.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataBody {
+    /// A command for the group's state machine.
+    Command(Vec<u8>),
+    /// A step of a vShard move, applied by the node itself.
+    Control(GroupControl),
 }
 
 impl Wire for DataRecord {

@@ -16,12 +16,14 @@ use crate::core::hlc::HlcClock;
 use crate::core::hooks::MetadataHooks;
 use crate::core::ids::{GroupId, NodeId, VShardId};
 use crate::core::state_machine::DataStateMachine;
+use crate::core::vshard_gate::{GateRefusal, GroupControl};
 use crate::io::clock::WallClock;
 use crate::io::transport::{Inbound, InboundReceiver, Transport};
+use crate::node::data_group::DataGroup;
 use crate::node::membership::{next_change, Wanted};
 use crate::node::rpc::{
-    Committed, DataRecord, GroupView, NodeError, NodeStatus, Outcome, PeerProgress, RaftFrame,
-    Request, Response,
+    Committed, DataBody, DataRecord, GroupView, NodeError, NodeStatus, Outcome, PeerProgress,
+    RaftFrame, Request, Response,
 };
 use crate::node::NodeConfig;
 use crate::raft::engine::{
@@ -35,6 +37,7 @@ use rand_chacha::rand_core::RngCore;
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, Instant};
 
@@ -45,6 +48,10 @@ pub type MachineFactory = Arc<dyn Fn(GroupId) -> Box<dyn DataStateMachine> + Sen
 pub const MAX_METADATA_VOTERS: usize = 5;
 /// A joining node is activated once it lags the leader by at most this much.
 const CATCH_UP_LAG: u64 = 16;
+
+/// How often a node asks whether a replica it still hosts, but that
+/// routing no longer lists, has left its group's Raft configuration.
+const DESTROY_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Whether a snapshot sent to a peer arrived.
 type SnapshotReport = (GroupId, NodeId, SnapshotStatus);
@@ -66,6 +73,21 @@ pub(crate) enum Command {
         query: Vec<u8>,
         linearizable: bool,
         reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
+    },
+    ProposeControl {
+        group: GroupId,
+        control: GroupControl,
+        reply: oneshot::Sender<Result<Committed, NodeError>>,
+    },
+    ExportVShard {
+        group: GroupId,
+        vshard: VShardId,
+        reply: oneshot::Sender<Result<(u64, Vec<u8>), NodeError>>,
+    },
+    /// The group's leader confirmed that this replica left the group's
+    /// configuration: delete it.
+    DestroyReplica {
+        group: GroupId,
     },
     ReadMetadata {
         reply: oneshot::Sender<Result<Box<crate::core::cache::MetadataState>, NodeError>>,
@@ -98,23 +120,31 @@ struct PendingProposal {
 /// A linearizable read waiting for its read index, then for the apply.
 struct PendingRead {
     group: GroupId,
-    /// `None` reads the metadata state.
-    query: Option<Vec<u8>>,
     reply: ReadReply,
     /// Set once the read index is known.
     index: Option<u64>,
     deadline: Instant,
 }
 
+/// What a linearizable read reads, and where its answer goes.
 enum ReadReply {
-    Data(oneshot::Sender<Result<Vec<u8>, NodeError>>),
+    Data {
+        vshard: VShardId,
+        query: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>, NodeError>>,
+    },
+    Export {
+        vshard: VShardId,
+        reply: oneshot::Sender<Result<(u64, Vec<u8>), NodeError>>,
+    },
     Metadata(oneshot::Sender<Result<Box<crate::core::cache::MetadataState>, NodeError>>),
 }
 
 impl ReadReply {
     fn fail(self, error: NodeError) {
         match self {
-            ReadReply::Data(tx) => drop(tx.send(Err(error))),
+            ReadReply::Data { reply, .. } => drop(reply.send(Err(error))),
+            ReadReply::Export { reply, .. } => drop(reply.send(Err(error))),
             ReadReply::Metadata(tx) => drop(tx.send(Err(error))),
         }
     }
@@ -130,7 +160,7 @@ pub(crate) struct Runtime {
     rng: ChaCha8Rng,
     hlc: HlcClock,
     metadata: Option<MetadataCache>,
-    machines: BTreeMap<GroupId, Box<dyn DataStateMachine>>,
+    machines: BTreeMap<GroupId, DataGroup>,
     factory: MachineFactory,
     hooks: Box<dyn MetadataHooks + Send>,
     /// Groups that fail-stopped here, and why (DESIGN.md §3.3).
@@ -142,6 +172,11 @@ pub(crate) struct Runtime {
     proposals: BTreeMap<u64, PendingProposal>,
     reads: BTreeMap<u64, PendingRead>,
     commands: mpsc::UnboundedReceiver<Command>,
+    /// For tasks this loop spawns to report back to it.
+    own_commands: mpsc::UnboundedSender<Command>,
+    /// Replicas routing no longer lists, and when their removal from the
+    /// Raft configuration was last asked about.
+    destroy_checks: BTreeMap<GroupId, Instant>,
     inbound: InboundReceiver,
     /// Outcomes of snapshot sends, from the tasks that sent them.
     snapshot_reports: (
@@ -174,7 +209,10 @@ impl Runtime {
         bootstrap: Option<Bootstrap>,
         factory: MachineFactory,
         hooks: Box<dyn MetadataHooks + Send>,
-        commands: mpsc::UnboundedReceiver<Command>,
+        (own_commands, commands): (
+            mpsc::UnboundedSender<Command>,
+            mpsc::UnboundedReceiver<Command>,
+        ),
     ) -> Result<Self, StartError> {
         let me = config.node_id;
         let mut rng = io.rng;
@@ -202,6 +240,8 @@ impl Runtime {
             proposals: BTreeMap::new(),
             reads: BTreeMap::new(),
             commands,
+            own_commands,
+            destroy_checks: BTreeMap::new(),
             inbound: io.inbound,
             snapshot_reports: mpsc::unbounded_channel(),
             topology_inflight: Vec::new(),
@@ -250,7 +290,7 @@ impl Runtime {
             }),
         )?;
         for (group, voters) in groups {
-            let data = (self.factory)(group).snapshot();
+            let data = DataGroup::new((self.factory)(group)).snapshot();
             self.host(group, Some(GroupBootstrap { voters, data }))?;
         }
         Ok(())
@@ -267,7 +307,8 @@ impl Runtime {
         if let Some(snapshot) = snapshot {
             self.restore(group, &snapshot)?;
         } else if !group.is_metadata() {
-            self.machines.insert(group, (self.factory)(group));
+            self.machines
+                .insert(group, DataGroup::new((self.factory)(group)));
         }
         Ok(())
     }
@@ -279,10 +320,11 @@ impl Runtime {
             let cache = MetadataCache::restore(data)?;
             self.metadata = Some(cache);
         } else {
-            let mut machine = (self.factory)(group);
-            machine.restore(data).map_err(|e| StartError::Machine {
-                group,
-                cause: e.to_string(),
+            let machine = DataGroup::restore((self.factory)(group), data).map_err(|e| {
+                StartError::Machine {
+                    group,
+                    cause: e.to_string(),
+                }
             })?;
             self.machines.insert(group, machine);
         }
@@ -362,8 +404,12 @@ impl Runtime {
             .status(group)
             .and_then(|s| s.leader)
             .or_else(|| {
+                // Not a replica (or no leader known here): routing's hint,
+                // else any voter, which knows its leader.
                 let route = self.metadata.as_ref()?.state().routing.group(group)?;
-                route.leader
+                route
+                    .leader
+                    .or_else(|| route.voters.iter().copied().find(|&v| v != self.me))
             });
         NodeError::NotLeader { group, leader }
     }
@@ -439,13 +485,51 @@ impl Runtime {
                     }
                 }
                 let group = routing.lookup(vshard).group;
+                let epoch = routing.epoch();
+                // The leader refuses early what the gates would refuse at
+                // apply time anyway; the apply-time check is the one that counts.
+                if let Some(Err(refusal)) =
+                    self.machines.get(&group).map(|g| g.admit(vshard, epoch))
+                {
+                    let _ = reply.send(Err(self.refusal_error(group, refusal)));
+                    return;
+                }
                 let hlc = self.hlc.now(self.clock.now_ms());
                 let data = codec::encode(&DataRecord {
                     hlc,
                     vshard,
-                    command,
+                    epoch,
+                    body: DataBody::Command(command),
                 });
                 self.propose(group, data, hlc, reply);
+            }
+            Command::ProposeControl {
+                group,
+                control,
+                reply,
+            } => {
+                let Some(cache) = &self.metadata else {
+                    let _ = reply.send(Err(NodeError::NoMetadata));
+                    return;
+                };
+                let hlc = self.hlc.now(self.clock.now_ms());
+                let data = codec::encode(&DataRecord {
+                    hlc,
+                    vshard: control.vshard(),
+                    epoch: cache.state().routing.epoch(),
+                    body: DataBody::Control(control),
+                });
+                self.propose(group, data, hlc, reply);
+            }
+            Command::ExportVShard {
+                group,
+                vshard,
+                reply,
+            } => {
+                self.start_read(group, ReadReply::Export { vshard, reply });
+            }
+            Command::DestroyReplica { group } => {
+                self.destroy_replica(group);
             }
             Command::Read {
                 vshard,
@@ -459,17 +543,21 @@ impl Runtime {
                 };
                 let group = cache.state().routing.lookup(vshard).group;
                 if !linearizable {
-                    let result = match self.machines.get(&group) {
-                        Some(machine) => Ok(machine.query(&query)),
-                        None => Err(self.not_leader(group)),
-                    };
+                    let result = self.query(group, vshard, &query);
                     let _ = reply.send(result);
                     return;
                 }
-                self.start_read(group, Some(query), ReadReply::Data(reply));
+                self.start_read(
+                    group,
+                    ReadReply::Data {
+                        vshard,
+                        query,
+                        reply,
+                    },
+                );
             }
             Command::ReadMetadata { reply } => {
-                self.start_read(GroupId::METADATA, None, ReadReply::Metadata(reply));
+                self.start_read(GroupId::METADATA, ReadReply::Metadata(reply));
             }
             Command::ReadMetadataLocal { reply } => {
                 let state = self.metadata.as_ref().map(|c| Box::new(c.state().clone()));
@@ -491,14 +579,15 @@ impl Runtime {
 
     /// Starts a linearizable read: only the leader serves it, after a read
     /// index round confirms it still leads and its state has caught up.
-    fn start_read(&mut self, group: GroupId, query: Option<Vec<u8>>, reply: ReadReply) {
+    fn start_read(&mut self, group: GroupId, reply: ReadReply) {
         if crate::planted::planted(crate::planted::Bug::StaleReads) {
-            if let (Some(query), Some(machine)) = (&query, self.machines.get(&group)) {
-                let answer = machine.query(query);
-                match reply {
-                    ReadReply::Data(tx) => drop(tx.send(Ok(answer))),
-                    other => other.fail(NodeError::BadRequest("not a data read".into())),
-                }
+            if let ReadReply::Data {
+                vshard,
+                query,
+                reply,
+            } = reply
+            {
+                let _ = reply.send(self.query(group, vshard, &query));
                 return;
             }
         }
@@ -517,7 +606,6 @@ impl Runtime {
                     id,
                     PendingRead {
                         group,
-                        query,
                         reply,
                         index: None,
                         deadline: Instant::now() + self.config.request_timeout,
@@ -632,6 +720,24 @@ impl Runtime {
             }
             Request::Status => {
                 let _ = reply.send(codec::encode(&Response::Status(self.status())));
+            }
+            Request::ProposeControl { group, control } => {
+                let (tx, rx) = oneshot::channel();
+                self.on_command(Command::ProposeControl {
+                    group,
+                    control,
+                    reply: tx,
+                });
+                answer_later(rx, reply, Response::Committed);
+            }
+            Request::ExportVShard { group, vshard } => {
+                let (tx, rx) = oneshot::channel();
+                self.on_command(Command::ExportVShard {
+                    group,
+                    vshard,
+                    reply: tx,
+                });
+                answer_later(rx, reply, |(index, data)| Response::Export { index, data });
             }
         }
     }
@@ -785,7 +891,7 @@ impl Runtime {
         } else {
             entry.get_data()
         };
-        let result = if group.is_metadata() {
+        let result: Result<Outcome, NodeError> = if group.is_metadata() {
             let cache = self.metadata.as_mut().ok_or_else(|| {
                 "metadata entries arrived before the metadata snapshot".to_string()
             })?;
@@ -800,9 +906,9 @@ impl Runtime {
             if rejection.is_some() {
                 crate::probe!("metadata.entry_rejected");
             }
-            Outcome::Metadata(rejection)
+            Ok(Outcome::Metadata(rejection))
         } else if payload.is_empty() {
-            Outcome::Data(Vec::new())
+            Ok(Outcome::Data(Vec::new()))
         } else {
             let record = codec::decode::<DataRecord>(payload)
                 .map_err(|e| format!("entry at index {index} does not decode: {e}"))?;
@@ -810,19 +916,62 @@ impl Runtime {
                 .machines
                 .get_mut(&group)
                 .ok_or_else(|| format!("no state machine for group {group}"))?;
-            Outcome::Data(machine.apply(index, &record.command))
+            match machine.apply(index, record) {
+                Ok(outcome) => {
+                    if matches!(outcome, Outcome::Control(Some(_))) {
+                        crate::probe!("migration.control_refused");
+                    }
+                    Ok(outcome)
+                }
+                Err(refusal) => {
+                    crate::probe!("routing.gate_refused_write");
+                    Err(self.refusal_error(group, refusal))
+                }
+            }
         };
         if let Some(id) = self.own_id(entry.get_context()) {
             if let Some(pending) = self.proposals.remove(&id) {
                 debug_assert_eq!(pending.group, group);
-                let _ = pending.reply.send(Ok(Committed {
+                let _ = pending.reply.send(result.map(|outcome| Committed {
                     index,
                     hlc: pending.hlc,
-                    outcome: result,
+                    outcome,
                 }));
             }
         }
         Ok(())
+    }
+
+    /// Answers a read of `vshard` from this node's replica of `group`,
+    /// gated by the routing epoch this node sees now.
+    fn query(&self, group: GroupId, vshard: VShardId, query: &[u8]) -> Result<Vec<u8>, NodeError> {
+        let Some(machine) = self.machines.get(&group) else {
+            return Err(self.not_leader(group));
+        };
+        let epoch = self
+            .metadata
+            .as_ref()
+            .map_or(0, |c| c.state().routing.epoch());
+        machine
+            .query(vshard, epoch, query)
+            .map_err(|refusal| self.refusal_error(group, refusal))
+    }
+
+    /// A gate refusal as the requester should see it: a redirect if this
+    /// node's routing already sends the vShard elsewhere, otherwise "not
+    /// available yet" (the move is in its write pause, or routing lags).
+    fn refusal_error(&self, group: GroupId, refusal: GateRefusal) -> NodeError {
+        let vshard = match refusal {
+            GateRefusal::Fenced { vshard, .. }
+            | GateRefusal::NotServed { vshard }
+            | GateRefusal::StaleEpoch { vshard, .. } => vshard,
+        };
+        if let Some(cache) = &self.metadata {
+            if let Err(redirect) = cache.state().routing.check(vshard, group) {
+                return NodeError::WrongGroup(redirect);
+            }
+        }
+        NodeError::Unavailable(refusal)
     }
 
     fn on_read_state(&mut self, group: GroupId, state: raft::ReadState) {
@@ -843,28 +992,33 @@ impl Runtime {
                 .is_some_and(|index| engine.status(r.group).is_some_and(|s| s.applied >= index))
         });
         for read in ready {
-            match (read.reply, read.query) {
-                (ReadReply::Data(tx), Some(query)) => {
-                    let result = self
-                        .machines
-                        .get(&read.group)
-                        .map(|m| m.query(&query))
-                        .ok_or(NodeError::NotLeader {
-                            group: read.group,
-                            leader: None,
-                        });
-                    let _ = tx.send(result);
+            match read.reply {
+                ReadReply::Data {
+                    vshard,
+                    query,
+                    reply,
+                } => {
+                    let _ = reply.send(self.query(read.group, vshard, &query));
                 }
-                (ReadReply::Metadata(tx), _) => {
+                ReadReply::Export { vshard, reply } => {
+                    let result = match (
+                        self.machines.get(&read.group),
+                        self.engine.status(read.group),
+                    ) {
+                        (Some(machine), Some(status)) => {
+                            Ok((status.applied, machine.export(vshard)))
+                        }
+                        _ => Err(self.not_leader(read.group)),
+                    };
+                    let _ = reply.send(result);
+                }
+                ReadReply::Metadata(tx) => {
                     let result = self
                         .metadata
                         .as_ref()
                         .map(|c| Box::new(c.state().clone()))
                         .ok_or(NodeError::NoMetadata);
                     let _ = tx.send(result);
-                }
-                (ReadReply::Data(tx), None) => {
-                    let _ = tx.send(Err(NodeError::BadRequest("read without a query".into())));
                 }
             }
         }
@@ -913,6 +1067,18 @@ impl Runtime {
                 .conf_state(GroupId::METADATA)
                 .map(|cs| Wanted::from_topology(&state.topology, &cs)),
         )];
+        // Replicas routing no longer lists, with the voters to ask whether
+        // the replica has left the group's Raft configuration.
+        let removed: Vec<(GroupId, Vec<NodeId>)> = self
+            .engine
+            .groups()
+            .filter(|&g| !g.is_metadata())
+            .filter_map(|g| match state.routing.group(g) {
+                Some(route) if route.is_member(self.me) => None,
+                Some(route) => Some((g, route.voters.clone())),
+                None => Some((g, Vec::new())),
+            })
+            .collect();
         for (group, route) in state.routing.groups() {
             let member = route.voters.contains(&self.me) || route.learners.contains(&self.me);
             if member && !self.engine.hosts(group) {
@@ -944,6 +1110,9 @@ impl Runtime {
             if let Err(e) = self.host(group, None) {
                 tracing::error!(node = %self.me, %group, error = %e, "cannot host group");
             }
+        }
+        for (group, voters) in removed {
+            self.check_removed(group, voters);
         }
         for (group, wanted) in wanted {
             let Some(wanted) = wanted else { continue };
@@ -985,6 +1154,98 @@ impl Runtime {
             let (tx, rx) = oneshot::channel();
             self.on_command(Command::ProposeMetadata { entry, reply: tx });
             self.topology_inflight.push(rx);
+        }
+    }
+
+    /// A replica routing no longer lists may be deleted only once it has
+    /// left the group's Raft configuration too: until then it may still
+    /// count towards a quorum. Routing removes a replica only after the
+    /// group demoted it, but this replica's own view of the configuration
+    /// may lag, so the group's leader is asked (at most once per
+    /// [`DESTROY_CHECK_INTERVAL`]). A group routing no longer knows at all
+    /// has no configuration left to wait for.
+    fn check_removed(&mut self, group: GroupId, voters: Vec<NodeId>) {
+        if voters.is_empty() {
+            self.destroy_replica(group);
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .destroy_checks
+            .get(&group)
+            .is_some_and(|&asked| now < asked + DESTROY_CHECK_INTERVAL)
+        {
+            return;
+        }
+        self.destroy_checks.insert(group, now);
+        let transport = Arc::clone(&self.transport);
+        let own = self.own_commands.clone();
+        let me = self.me;
+        let timeout = self.config.request_timeout;
+        tokio::spawn(async move {
+            for peer in voters.into_iter().filter(|&p| p != me) {
+                let Ok(bytes) = transport
+                    .call(peer, codec::encode(&Request::Status), timeout)
+                    .await
+                else {
+                    continue;
+                };
+                let Ok(Response::Status(status)) = codec::decode::<Response>(&bytes) else {
+                    continue;
+                };
+                let Some(view) = status
+                    .groups
+                    .iter()
+                    .find(|v| v.group == group && v.is_leader)
+                else {
+                    continue;
+                };
+                let listed = [&view.voters, &view.voters_outgoing, &view.learners]
+                    .iter()
+                    .any(|nodes| nodes.contains(&me));
+                if !listed {
+                    let _ = own.send(Command::DestroyReplica { group });
+                }
+                return;
+            }
+        });
+    }
+
+    /// Deletes this node's replica of `group`, if routing still does not
+    /// list it (a move back may have re-added it since the check).
+    fn destroy_replica(&mut self, group: GroupId) {
+        let listed = self.metadata.as_ref().is_none_or(|c| {
+            c.state()
+                .routing
+                .group(group)
+                .is_some_and(|r| r.is_member(self.me))
+        });
+        if listed || !self.engine.hosts(group) {
+            return;
+        }
+        match self.engine.destroy_group(group) {
+            Ok(()) => {
+                crate::probe!("replica.destroyed");
+                tracing::info!(node = %self.me, %group, "replica removed from its group; data deleted");
+                self.machines.remove(&group);
+                self.failed.remove(&group);
+                self.destroy_checks.remove(&group);
+                for p in take_where(&mut self.proposals, |p| p.group == group) {
+                    let _ = p.reply.send(Err(NodeError::NotLeader {
+                        group,
+                        leader: None,
+                    }));
+                }
+                for r in take_where(&mut self.reads, |r| r.group == group) {
+                    r.reply.fail(NodeError::NotLeader {
+                        group,
+                        leader: None,
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node = %self.me, %group, error = %e, "cannot delete a removed replica")
+            }
         }
     }
 
@@ -1155,6 +1416,11 @@ impl Runtime {
                     voters_outgoing: nodes(cs.get_voters_outgoing()),
                     learners: nodes(cs.get_learners()),
                     failed: self.failed.get(&group).cloned(),
+                    unsettled: self
+                        .machines
+                        .get(&group)
+                        .map(DataGroup::unsettled_gates)
+                        .unwrap_or_default(),
                     peers: {
                         let mut peers: Vec<PeerProgress> = self
                             .engine

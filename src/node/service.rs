@@ -12,11 +12,15 @@
 use crate::core::cache::fingerprint;
 use crate::core::codec::{self, FrameKind, Wire};
 use crate::core::entry::{BatchEntries, CertFingerprint, MetadataEntry};
+use crate::core::ids::MigrationId;
 use crate::core::ids::{NodeId, VShardId};
 use crate::core::kv::{KvCommand, KvQuery, KvResponse};
+use crate::core::migration::{MigrationCheckpointPayload, MigrationPhaseTag, MigrationRow};
+use crate::core::rebalance::{plan_decommission, plan_rebalance, ClusterView, PlannedMove};
 use crate::core::token::{JoinToken, JoinTokenTransitionKind};
 use crate::core::topology::TopologyChange;
 use crate::node::join::{admit, Issuer, JoinError, JoinGrant, JoinRequest};
+use crate::node::migrate::{carry_out, live_nodes, StepError};
 use crate::node::rpc::{NodeError, NodeStatus, Outcome};
 use crate::node::Node;
 use serde::{Deserialize, Serialize};
@@ -82,6 +86,15 @@ pub enum ClientRequest {
     /// CA rotation, step 2: trust only `keep`, once every node's
     /// certificate is signed by it.
     FinalizeCa { keep: CertFingerprint },
+    /// Start one move (a leadership move commits at once).
+    Migrate(PlannedMove),
+    /// Drain a node: check that every replica can move off it safely,
+    /// then (unless `dry_run`) mark it draining; the group-0 leader moves
+    /// its replicas and retires it. Answers the plan.
+    Decommission { node: NodeId, dry_run: bool },
+    /// Plan moves that even out replicas, leaders and vShards, and (unless
+    /// `dry_run`) start up to `max_moves` of them. Answers the plan.
+    Rebalance { dry_run: bool, max_moves: u32 },
 }
 
 impl Wire for ClientRequest {
@@ -110,10 +123,61 @@ pub struct ClusterStatus {
     pub cert_ca: CertFingerprint,
     /// Join tokens that can still be used (`Issued` or `InFlight`).
     pub live_tokens: usize,
-    pub migrations: usize,
+    /// Every row of the migration table, finished ones included (they
+    /// carry the measured write pause).
+    pub migrations: Vec<MigrationSummary>,
     pub rejected_entries: u64,
     /// This node's own groups: leaders, terms, indexes, failures.
     pub local: NodeStatus,
+}
+
+/// One migration as `keel status` and `keel migrate` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationSummary {
+    pub id: String,
+    /// What moves where, in words.
+    pub what: String,
+    pub phase: String,
+    pub attempt: u32,
+    pub complete: bool,
+    /// The measured write pause, once known.
+    pub write_pause_us: Option<u64>,
+    pub updated_ms: u64,
+}
+
+impl MigrationSummary {
+    pub fn of(row: &MigrationRow) -> Self {
+        let (what, write_pause_us) = match row.verify() {
+            Ok(MigrationCheckpointPayload::Replica(p)) => (
+                PlannedMove::Replica {
+                    group: p.group_id,
+                    source: p.source,
+                    target: p.target,
+                }
+                .to_string(),
+                p.write_pause_us,
+            ),
+            Ok(MigrationCheckpointPayload::VShard(p)) => (
+                PlannedMove::VShard {
+                    vshard: p.vshard_id,
+                    from: p.source_group,
+                    to: p.target_group,
+                }
+                .to_string(),
+                p.write_pause_us,
+            ),
+            Err(e) => (format!("unreadable checkpoint: {e}"), None),
+        };
+        MigrationSummary {
+            id: row.migration_id.to_string(),
+            what,
+            phase: format!("{:?}", row.phase),
+            attempt: row.attempt,
+            complete: row.phase == MigrationPhaseTag::Complete,
+            write_pause_us,
+            updated_ms: row.ts_ms,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +190,13 @@ pub enum ClientResponse {
         expires_at_ms: u64,
     },
     Kv(KvResponse),
+    /// A migration started.
+    Migration(MigrationId),
+    /// The moves of a decommission or rebalance, and which of them started.
+    Plan {
+        moves: Vec<PlannedMove>,
+        started: Vec<MigrationId>,
+    },
     Done,
     Error(ServiceError),
 }
@@ -195,6 +266,18 @@ async fn handle(
                 .map_err(ServiceError::Join)
         }
         ClientRequest::Status => status(node, credentials).await,
+        ClientRequest::Migrate(planned) => match carry_out(node, planned).await {
+            Ok(Some(id)) => Ok(ClientResponse::Migration(id)),
+            Ok(None) => Ok(ClientResponse::Done),
+            Err(e) => Err(step_error(e)),
+        },
+        ClientRequest::Decommission {
+            node: target,
+            dry_run,
+        } => decommission(node, target, dry_run).await,
+        ClientRequest::Rebalance { dry_run, max_moves } => {
+            rebalance(node, dry_run, max_moves).await
+        }
         ClientRequest::IssueToken { ttl_ms } => issue_token(node, credentials, ttl_ms).await,
         ClientRequest::RevokeToken { token } => revoke_token(node, &token).await,
         ClientRequest::Kv(command) => {
@@ -202,8 +285,8 @@ async fn handle(
             let committed = node.propose(vshard, codec::encode(&command)).await?;
             match committed.outcome {
                 Outcome::Data(bytes) => kv_response(&bytes),
-                Outcome::Metadata(_) => Err(ServiceError::BadRequest(
-                    "a key-value write committed to group 0".into(),
+                Outcome::Metadata(_) | Outcome::Control(_) => Err(ServiceError::BadRequest(
+                    "a key-value write committed as something else".into(),
                 )),
             }
         }
@@ -265,10 +348,88 @@ async fn status(
             .iter()
             .filter(|(_, r)| !r.state.is_terminal())
             .count(),
-        migrations: state.migrations.len(),
+        migrations: state
+            .migrations
+            .values()
+            .map(MigrationSummary::of)
+            .collect(),
         rejected_entries: state.rejected_total,
         local,
     })))
+}
+
+fn step_error(e: StepError) -> ServiceError {
+    match e {
+        StepError::Node(e) => ServiceError::Node(e),
+        other => ServiceError::BadRequest(other.to_string()),
+    }
+}
+
+/// Plans the decommission of `target` against the leader's state and the
+/// nodes reachable now; unless a dry run, marks it draining.
+async fn decommission(
+    node: &Node,
+    target: NodeId,
+    dry_run: bool,
+) -> Result<ClientResponse, ServiceError> {
+    let state = node.metadata().await?;
+    let live = live_nodes(node, &state).await;
+    let view = ClusterView {
+        topology: &state.topology,
+        routing: &state.routing,
+        replication_factor: usize::try_from(state.replication_factor).unwrap_or(usize::MAX),
+        migrations: &state.migrations,
+        live: &live,
+    };
+    let moves =
+        plan_decommission(&view, target).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+    if !dry_run {
+        let draining = state
+            .topology
+            .get(target)
+            .is_some_and(|info| info.state == crate::core::topology::NodeState::Draining);
+        if !draining {
+            let committed = node
+                .propose_metadata(MetadataEntry::TopologyChange(
+                    TopologyChange::StartDecommission { node_id: target },
+                ))
+                .await?;
+            if let Outcome::Metadata(Some(reason)) = committed.outcome {
+                return Err(ServiceError::BadRequest(reason.to_string()));
+            }
+        }
+    }
+    Ok(ClientResponse::Plan {
+        moves,
+        started: Vec::new(),
+    })
+}
+
+/// Plans a rebalance and, unless a dry run, starts its moves.
+async fn rebalance(
+    node: &Node,
+    dry_run: bool,
+    max_moves: u32,
+) -> Result<ClientResponse, ServiceError> {
+    let state = node.metadata().await?;
+    let live = live_nodes(node, &state).await;
+    let view = ClusterView {
+        topology: &state.topology,
+        routing: &state.routing,
+        replication_factor: usize::try_from(state.replication_factor).unwrap_or(usize::MAX),
+        migrations: &state.migrations,
+        live: &live,
+    };
+    let moves = plan_rebalance(&view, usize::try_from(max_moves).unwrap_or(usize::MAX));
+    let mut started = Vec::new();
+    if !dry_run {
+        for &planned in &moves {
+            if let Some(id) = carry_out(node, planned).await.map_err(step_error)? {
+                started.push(id);
+            }
+        }
+    }
+    Ok(ClientResponse::Plan { moves, started })
 }
 
 /// Commits a fresh token's `Register`; the secret comes from the node's rng.

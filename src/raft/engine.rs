@@ -276,6 +276,13 @@ impl Engine {
             .ok_or(EngineError::UnknownGroup(group))
     }
 
+    /// Stops hosting `group` and deletes its stored log, state and
+    /// snapshot: the replica was removed from the group for good.
+    pub fn destroy_group(&mut self, group: GroupId) -> Result<(), EngineError> {
+        self.close_group(group)?;
+        Ok(self.store.destroy_group(group)?)
+    }
+
     pub fn hosts(&self, group: GroupId) -> bool {
         self.groups.contains_key(&group)
     }

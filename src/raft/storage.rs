@@ -416,6 +416,41 @@ impl RaftStore {
         })
     }
 
+    /// Deletes everything stored for `group` (its replica was removed and
+    /// its data must not leak), durably. The group must be closed: a group
+    /// with a live handle is refused, since that handle would keep serving
+    /// state that is no longer on disk.
+    pub fn destroy_group(&self, group: GroupId) -> Result<(), StorageError> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if open.get(&group).is_some_and(|m| m.strong_count() > 0) {
+            return Err(StorageError::Conflict { group });
+        }
+        open.remove(&group);
+        let mut txn = self.db.begin_write().map_err(redb_error)?;
+        let deleted = txn
+            .set_durability(Durability::Immediate)
+            .map_err(redb_error)
+            .and_then(|()| {
+                let mut log = txn.open_table(RAFT_LOG).map_err(redb_error)?;
+                log.retain_in((group.0, 0)..=(group.0, u64::MAX), |_, _| false)
+                    .map_err(redb_error)?;
+                txn.open_table(RAFT_STATE)
+                    .map_err(redb_error)?
+                    .remove(group.0)
+                    .map_err(redb_error)?;
+                txn.open_table(RAFT_SNAPSHOT)
+                    .map_err(redb_error)?
+                    .remove(group.0)
+                    .map_err(redb_error)?;
+                Ok(())
+            });
+        if let Err(e) = deleted {
+            let _ = txn.abort();
+            return Err(e);
+        }
+        txn.commit().map_err(redb_error)
+    }
+
     /// Writes the whole batch in one redb write transaction with
     /// [`Durability::Immediate`], then updates the mirrors of the groups it
     /// touched. Returns only once the data is durable. On `Err` the

@@ -37,6 +37,8 @@ pub struct Cluster {
     /// replicas on joined nodes up to it. Tests that move replicas by hand
     /// use 1.
     pub replication_factor: usize,
+    /// How nodes started from now on run migrations.
+    pub migration: keel::node::migrate::MigrationConfig,
 }
 
 pub fn kv_factory() -> MachineFactory {
@@ -93,6 +95,10 @@ impl Cluster {
             compact_threshold,
             join_dead_man: NodeConfig::new(n(1)).join_dead_man,
             replication_factor: 3,
+            migration: keel::node::migrate::MigrationConfig {
+                poll: Duration::from_millis(20),
+                ..Default::default()
+            },
         }
     }
 
@@ -112,6 +118,7 @@ impl Cluster {
         config.request_timeout = Duration::from_secs(10);
         config.engine.compact_threshold = self.compact_threshold;
         config.join_dead_man = self.join_dead_man;
+        config.migration = self.migration.clone();
         let (node, task) = start(config, io, bootstrap, kv_factory(), Box::new(())).unwrap();
         self.nodes.insert(id, (node, task));
     }

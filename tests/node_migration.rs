@@ -1,0 +1,306 @@
+//! Migrations on in-process clusters (DESIGN.md §5): vShard and replica
+//! moves under writes, the write-pause budget aborting a move, a
+//! coordinator crash mid-move, and decommission.
+
+mod common;
+
+use common::*;
+use keel::core::ids::{GroupId, MigrationId, NodeId, VShardId};
+use keel::core::migration::{MigrationCheckpointPayload, MigrationPhaseTag};
+use keel::core::rebalance::PlannedMove;
+use keel::core::topology::NodeState;
+use keel::node::migrate::start_move;
+use keel::node::Node;
+use std::time::Duration;
+
+/// Keys of `vshard`, found by search (the mapping is crc32c).
+fn keys_of(vshard: VShardId, count: usize) -> Vec<String> {
+    (0u32..)
+        .map(|i| format!("key-{i}"))
+        .filter(|k| VShardId::for_key(k.as_bytes()) == vshard)
+        .take(count)
+        .collect()
+}
+
+/// Waits until the migration finished; `Some(pause)` if it completed,
+/// `None` if it was aborted (its row is gone).
+async fn finished(node: &Node, id: MigrationId) -> Option<u64> {
+    eventually("the migration to finish", || async {
+        let state = node.metadata().await.ok()?;
+        match state.migrations.get(&id) {
+            None => Some(None),
+            Some(row) if row.phase == MigrationPhaseTag::Complete => {
+                let pause = match row.verify().ok()? {
+                    MigrationCheckpointPayload::Replica(p) => p.write_pause_us,
+                    MigrationCheckpointPayload::VShard(p) => p.write_pause_us,
+                };
+                Some(Some(pause.expect("a complete move records its pause")))
+            }
+            Some(_) => None,
+        }
+    })
+    .await
+}
+
+/// Joins `id` and waits until group 0 has made it an active node, which a
+/// replica move requires of its target.
+async fn join_active(c: &mut Cluster, id: NodeId) {
+    c.join(id).await;
+    eventually("the new node to be active", || async {
+        let state = c.node(n(1)).metadata().await.ok()?;
+        matches!(state.topology.get(id)?.state, NodeState::Active(_)).then_some(())
+    })
+    .await;
+}
+
+/// No node holds a fence or partial copy, and each group's replicas are
+/// exactly the ones routing lists.
+async fn settled(c: &Cluster) {
+    eventually("fences, copies and removed replicas to be gone", || async {
+        let state = c.node(n(1)).metadata().await.ok()?;
+        for (id, (node, _)) in &c.nodes {
+            let status = node.status().await.ok()?;
+            for view in status.groups.iter().filter(|g| !g.group.is_metadata()) {
+                if !view.unsettled.is_empty() {
+                    return None;
+                }
+                let route = state.routing.group(view.group)?;
+                if !route.is_member(*id) {
+                    return None;
+                }
+            }
+        }
+        Some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_vshard_moves_under_writes_and_stale_routes_are_redirected() {
+    let c = Cluster::form(3).await;
+    c.await_replication(3).await;
+    let vshard = VShardId::new(5).unwrap();
+    let keys = keys_of(vshard, 4);
+    for key in &keys {
+        c.put_via(n(2), key, "before").await;
+    }
+    let state = c.node(n(1)).metadata().await.unwrap();
+    let from = state.routing.lookup(vshard).group;
+    let to = GroupId(from.0 % DATA_GROUPS + 1);
+    // A writer keeps going during the move; each write either applies or
+    // is retried by the node until it does.
+    let writer = {
+        let node = c.node(n(3)).clone();
+        let key = keys[0].clone();
+        tokio::spawn(async move {
+            for i in 0..40 {
+                let (vshard, command) = put(&key, &format!("w{i}"));
+                node.propose(vshard, command)
+                    .await
+                    .expect("writes keep succeeding");
+            }
+        })
+    };
+    let id = start_move(c.node(n(1)), PlannedMove::VShard { vshard, from, to })
+        .await
+        .unwrap();
+    let pause = finished(c.node(n(1)), id)
+        .await
+        .expect("the move completes");
+    writer.await.unwrap();
+    assert!(pause < 500_000, "pause {pause} us within the budget");
+    let state = c.node(n(1)).metadata().await.unwrap();
+    assert_eq!(state.routing.lookup(vshard).group, to);
+    assert!(state
+        .routing
+        .ghosts()
+        .any(|(v, g, _)| v == vshard && g == from));
+    for key in &keys[1..] {
+        assert_eq!(c.get_via(n(1), key).await, Some(b"before".to_vec()));
+    }
+    assert_eq!(c.get_via(n(2), &keys[0]).await, Some(b"w39".to_vec()));
+    // New writes land in the new group.
+    c.put_via(n(1), &keys[1], "after").await;
+    assert_eq!(c.get_via(n(3), &keys[1]).await, Some(b"after".to_vec()));
+    settled(&c).await;
+}
+
+#[tokio::test]
+async fn a_replica_moves_off_the_leader_and_its_data_is_deleted() {
+    let mut c = Cluster::form(3).await;
+    c.await_replication(3).await;
+    join_active(&mut c, n(4)).await;
+    for i in 0..20 {
+        c.put_via(n(1), &format!("k{i}"), "v").await;
+    }
+    let group = GroupId(1);
+    let route = c
+        .node(n(1))
+        .metadata()
+        .await
+        .unwrap()
+        .routing
+        .group(group)
+        .unwrap()
+        .clone();
+    let source = route.leader.unwrap();
+    let id = start_move(
+        c.node(n(2)),
+        PlannedMove::Replica {
+            group,
+            source,
+            target: n(4),
+        },
+    )
+    .await
+    .unwrap();
+    finished(c.node(n(1)), id)
+        .await
+        .expect("the move completes");
+    let route = c
+        .node(n(1))
+        .metadata()
+        .await
+        .unwrap()
+        .routing
+        .group(group)
+        .unwrap()
+        .clone();
+    assert!(route.is_voter(n(4)));
+    assert!(!route.is_member(source));
+    assert_eq!(
+        route.leader,
+        Some(n(4)),
+        "leadership moved with the replica"
+    );
+    settled(&c).await;
+    assert!(c.node(source).group(group).await.unwrap().is_none());
+    for i in 0..20 {
+        assert_eq!(c.get_via(n(4), &format!("k{i}")).await, Some(b"v".to_vec()));
+    }
+}
+
+#[tokio::test]
+async fn a_move_over_its_pause_budget_aborts_and_the_source_serves_again() {
+    let mut c = Cluster::new();
+    c.migration.write_pause_budget = Duration::ZERO;
+    c.form_on(3).await;
+    c.await_replication(3).await;
+    let vshard = VShardId::new(9).unwrap();
+    let key = keys_of(vshard, 1).remove(0);
+    c.put_via(n(1), &key, "kept").await;
+    let from = c
+        .node(n(1))
+        .metadata()
+        .await
+        .unwrap()
+        .routing
+        .lookup(vshard)
+        .group;
+    let to = GroupId(from.0 % DATA_GROUPS + 1);
+    let id = start_move(c.node(n(1)), PlannedMove::VShard { vshard, from, to })
+        .await
+        .unwrap();
+    assert_eq!(finished(c.node(n(1)), id).await, None, "the move aborted");
+    let state = c.node(n(1)).metadata().await.unwrap();
+    assert_eq!(state.routing.lookup(vshard).group, from);
+    settled(&c).await;
+    assert_eq!(c.get_via(n(2), &key).await, Some(b"kept".to_vec()));
+    c.put_via(n(3), &key, "again").await;
+    assert_eq!(c.get_via(n(1), &key).await, Some(b"again".to_vec()));
+}
+
+#[tokio::test]
+async fn a_new_coordinator_resumes_a_move_after_a_crash() {
+    let mut c = Cluster::form(3).await;
+    c.await_replication(3).await;
+    join_active(&mut c, n(4)).await;
+    let leader = c.metadata_leader().await;
+    let group = GroupId(2);
+    let route = c
+        .node(n(1))
+        .metadata()
+        .await
+        .unwrap()
+        .routing
+        .group(group)
+        .unwrap()
+        .clone();
+    let source = *route.voters.iter().find(|&&v| v != leader).unwrap();
+    let id = start_move(
+        c.node(leader),
+        PlannedMove::Replica {
+            group,
+            source,
+            target: n(4),
+        },
+    )
+    .await
+    .unwrap();
+    // Crash the coordinator as soon as the move is under way.
+    let survivor = *c.nodes.keys().find(|&&id| id != leader).unwrap();
+    eventually("the move to start its first step", || async {
+        let row = c
+            .node(survivor)
+            .metadata()
+            .await
+            .ok()?
+            .migrations
+            .get(&id)?
+            .clone();
+        (row.attempt >= 1).then_some(())
+    })
+    .await;
+    c.crash(leader).await;
+    let pause = finished(c.node(survivor), id).await;
+    assert!(
+        pause.is_some(),
+        "the move completes under the new coordinator"
+    );
+    let row = c.node(survivor).metadata().await.unwrap().migrations[&id].clone();
+    assert!(row.attempt >= 2, "claimed again after the crash");
+    c.start(leader, None);
+    settled(&c).await;
+}
+
+#[tokio::test]
+async fn decommission_moves_every_replica_off_and_retires_the_node() {
+    let mut c = Cluster::form(3).await;
+    c.await_replication(3).await;
+    join_active(&mut c, n(4)).await;
+    for i in 0..10 {
+        c.put_via(n(1), &format!("d{i}"), "v").await;
+    }
+    let target: NodeId = n(2);
+    let committed = c
+        .node(n(1))
+        .propose_metadata(keel::core::entry::MetadataEntry::TopologyChange(
+            keel::core::topology::TopologyChange::StartDecommission { node_id: target },
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(
+        committed.outcome,
+        keel::node::rpc::Outcome::Metadata(None)
+    ));
+    eventually("node 2 to be retired", || async {
+        let state = c.node(n(1)).metadata().await.ok()?;
+        let gone = state
+            .topology
+            .get(target)
+            .is_none_or(|info| info.state == NodeState::Decommissioned);
+        (gone && state.routing.groups_of_node(target).is_empty()).then_some(())
+    })
+    .await;
+    let state = c.node(n(1)).metadata().await.unwrap();
+    for (_, route) in state.routing.groups() {
+        assert_eq!(
+            route.voters.len(),
+            3,
+            "every group kept its replication factor"
+        );
+    }
+    for i in 0..10 {
+        assert_eq!(c.get_via(n(3), &format!("d{i}")).await, Some(b"v".to_vec()));
+    }
+}
