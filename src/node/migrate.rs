@@ -138,6 +138,7 @@ pub async fn start_move(node: &Node, planned: PlannedMove) -> Result<MigrationId
     let row = MigrationRow::new(id, phase, 0, &payload, node.now_ms());
     commit(node, checkpoint_entry(&row)).await?;
     crate::probe!("migration.started");
+    probe_phase(phase);
     Ok(id)
 }
 
