@@ -1098,3 +1098,587 @@ fn ca_rotation_on_a_running_cluster() {
     c.must_put(&[], "with-node-4", "yes");
     eprintln!("[ca] total {:.1?}", started.elapsed());
 }
+
+// ---------------------------------------------------------------------------
+// Migrations on a running cluster
+// ---------------------------------------------------------------------------
+
+/// The admin client the CLI uses, driven from the test's own runtime so
+/// that a writer can keep thousands of writes going without spawning
+/// `keel` for each.
+fn admin_client(
+    rt: &tokio::runtime::Runtime,
+    c: &Cluster,
+    timeout: Duration,
+) -> keel::cli::client::AdminClient {
+    // Its QUIC endpoint belongs to the runtime it is opened in.
+    let _inside = rt.enter();
+    keel::cli::client::AdminClient::open(&keel::cli::client::ClientArgs {
+        dir: PathBuf::from(&c.dir),
+        addr: Vec::new(),
+        timeout,
+    })
+    .unwrap_or_else(|e| panic!("cannot open an admin client on {}: {e}", c.dir))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("cannot start a tokio runtime")
+}
+
+/// One write through the admin client; Ok once the cluster acknowledged it.
+async fn put_via(
+    client: &keel::cli::client::AdminClient,
+    key: &str,
+    value: &str,
+) -> Result<(), String> {
+    use keel::core::kv::{KvCommand, KvResponse};
+    use keel::node::service::{ClientRequest, ClientResponse};
+    let request = ClientRequest::Kv(KvCommand::Put {
+        key: key.as_bytes().to_vec(),
+        value: value.as_bytes().to_vec(),
+    });
+    match client.call(&request).await? {
+        ClientResponse::Kv(KvResponse::Ok | KvResponse::Value(_)) => Ok(()),
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// A linearizable read through the admin client.
+async fn get_via(
+    client: &keel::cli::client::AdminClient,
+    key: &str,
+) -> Result<Option<String>, String> {
+    use keel::core::kv::KvResponse;
+    use keel::node::service::{ClientRequest, ClientResponse};
+    let request = ClientRequest::Get {
+        key: key.as_bytes().to_vec(),
+        linearizable: true,
+    };
+    match client.call(&request).await? {
+        ClientResponse::Kv(KvResponse::Value(v)) => {
+            Ok(v.map(|v| String::from_utf8_lossy(&v).into_owned()))
+        }
+        other => Err(format!("{other:?}")),
+    }
+}
+
+/// Reads every `(key, value)` back (linearizably, `parallel` at a time);
+/// the keys that are missing or wrong, with what was read.
+fn read_back(c: &Cluster, pairs: &[(String, String)], parallel: usize) -> Vec<String> {
+    let rt = runtime();
+    let client = std::sync::Arc::new(admin_client(&rt, c, Duration::from_secs(10)));
+    let chunk = pairs.len().div_ceil(parallel).max(1);
+    rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for part in pairs.chunks(chunk) {
+            let (client, part) = (client.clone(), part.to_vec());
+            tasks.spawn(async move {
+                let mut wrong = Vec::new();
+                for (key, value) in part {
+                    let mut result = get_via(&client, &key).await;
+                    // A read racing a leadership change may be refused;
+                    // only a wrong or missing value is a lost write.
+                    for _ in 0..20 {
+                        if result.is_ok() {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        result = get_via(&client, &key).await;
+                    }
+                    match result {
+                        Ok(Some(found)) if found == value => {}
+                        other => wrong.push(format!("{key}: expected {value:?}, read {other:?}")),
+                    }
+                }
+                wrong
+            });
+        }
+        let mut wrong = Vec::new();
+        while let Some(part) = tasks.join_next().await {
+            wrong.extend(part.expect("a reader task panicked"));
+        }
+        wrong
+    })
+}
+
+/// Writes every `(key, value)` (`parallel` at a time); panics on a failure.
+fn write_all(c: &Cluster, pairs: &[(String, String)], parallel: usize) {
+    let rt = runtime();
+    let client = std::sync::Arc::new(admin_client(&rt, c, Duration::from_secs(10)));
+    let chunk = pairs.len().div_ceil(parallel).max(1);
+    rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for part in pairs.chunks(chunk) {
+            let (client, part) = (client.clone(), part.to_vec());
+            tasks.spawn(async move {
+                for (key, value) in part {
+                    put_via(&client, &key, &value)
+                        .await
+                        .unwrap_or_else(|e| panic!("writing {key} failed: {e}"));
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.expect("a writer task panicked");
+        }
+    });
+}
+
+/// The first key `{prefix}-{n}` (n counting from `*next`) that `wanted`
+/// accepts; `*next` moves past it.
+fn key_where(
+    prefix: &str,
+    next: &mut u64,
+    wanted: impl Fn(keel::core::ids::VShardId) -> bool,
+) -> String {
+    loop {
+        let key = format!("{prefix}-{}", *next);
+        *next += 1;
+        if wanted(keel::core::ids::VShardId::for_key(key.as_bytes())) {
+            return key;
+        }
+    }
+}
+
+/// What the background writer saw.
+#[derive(Default)]
+struct WriteLog {
+    acked: Vec<(String, String)>,
+    failed: u64,
+    first_errors: Vec<String>,
+    /// The longest an acknowledged write to the moving vShard took.
+    slowest_moving: Duration,
+    /// The longest an acknowledged write to the moving group took.
+    slowest_group: Duration,
+}
+
+/// A migration row of a `keel status --json` report.
+fn migration_row<'a>(report: &'a Value, id: &str) -> Option<&'a Value> {
+    report["migrations"]
+        .as_array()?
+        .iter()
+        .find(|m| m["id"].as_str() == Some(id))
+}
+
+/// Runs `keel migrate ... --json`, which must finish the move; its row.
+fn migrate_json(args: &[&str]) -> (Value, Duration) {
+    let run = keel(args);
+    assert!(run.ok(), "this move must complete:\n{}", run.describe());
+    let row: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("--json printed invalid JSON ({e}):\n{}", run.describe()));
+    assert_eq!(row["complete"].as_bool(), Some(true), "{row:#}");
+    assert_eq!(row["phase"].as_str(), Some("Complete"), "{row:#}");
+    (row, run.elapsed)
+}
+
+/// The write pause a status report shows for migration `id`, in ms.
+fn pause_in_status(c: &Cluster, id: &str) -> f64 {
+    let report = c
+        .status(&[])
+        .unwrap_or_else(|e| panic!("status failed:\n{e}"));
+    let row = migration_row(&report, id)
+        .unwrap_or_else(|| panic!("status does not list migration {id}:\n{report:#}"));
+    assert_eq!(row["complete"].as_bool(), Some(true), "{row:#}");
+    let us = row["write_pause_us"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("migration {id} has no measured write pause:\n{row:#}"));
+    us as f64 / 1000.0
+}
+
+#[test]
+fn migrations_move_a_vshard_and_a_replica_while_a_client_writes() {
+    use keel::core::ids::{GroupId, NodeId, VShardId};
+    use keel::core::routing::RoutingTable;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let started = Instant::now();
+    let mut h = Harness::new("migrate");
+    let base = free_ports(4);
+    let c = h.up("cluster", 3, base);
+    let report = c
+        .status(&[])
+        .unwrap_or_else(|e| panic!("status failed:\n{e}"));
+    let data_groups = report["groups"]
+        .as_array()
+        .map(|g| g.iter().filter(|g| g["group"].as_u64() != Some(0)).count() as u64)
+        .unwrap_or(0);
+    assert!(
+        data_groups >= 4,
+        "keel up should create data groups:\n{report:#}"
+    );
+    // No move has happened yet: routing is the bootstrap table.
+    let routing = Arc::new(
+        RoutingTable::bootstrap(data_groups, &[NodeId::new(1).unwrap()], 3)
+            .expect("the bootstrap table"),
+    );
+    let group_of = |v: VShardId| routing.lookup(v).group;
+
+    // The moves: vShard 5 to the next group; group 3's replica on node 1
+    // (which leads every group after `keel up`) to node 4.
+    let moving = VShardId::new(5).unwrap();
+    let (va_from, va_to) = (
+        group_of(moving),
+        GroupId(group_of(moving).0 % data_groups + 1),
+    );
+    let replica_group = (1..=data_groups)
+        .map(GroupId)
+        .find(|g| *g != va_from && *g != va_to)
+        .expect("a third group");
+    eprintln!(
+        "[migrate] {data_groups} data groups; moving vShard {} from group {} to {}, and group {}'s replica from node 1 to node 4",
+        moving.get(),
+        va_from.0,
+        va_to.0,
+        replica_group.0
+    );
+
+    // The writer: one key per write, a third of them in the moving
+    // vShard, a third in the group whose replica moves, a third anywhere.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acks = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (c, stop, routing, acks) = (c.clone(), stop.clone(), routing.clone(), acks.clone());
+        std::thread::spawn(move || {
+            let group_of = |v: VShardId| routing.lookup(v).group;
+            let rt = runtime();
+            let client = admin_client(&rt, &c, Duration::from_secs(5));
+            let mut log = WriteLog::default();
+            let mut next = 0;
+            rt.block_on(async {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let key = match i % 3 {
+                        0 => key_where("vs", &mut next, |v| v == moving),
+                        1 => key_where("rg", &mut next, |v| group_of(v) == replica_group),
+                        _ => key_where("any", &mut next, |_| true),
+                    };
+                    let value = format!("value-{i}");
+                    let t = Instant::now();
+                    match put_via(&client, &key, &value).await {
+                        Ok(()) => {
+                            let took = t.elapsed();
+                            match i % 3 {
+                                0 => log.slowest_moving = log.slowest_moving.max(took),
+                                1 => log.slowest_group = log.slowest_group.max(took),
+                                _ => {}
+                            }
+                            log.acked.push((key, value));
+                            acks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            log.failed += 1;
+                            if log.first_errors.len() < 5 {
+                                log.first_errors.push(format!("{key}: {e}"));
+                            }
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
+                    }
+                }
+            });
+            log
+        })
+    };
+    let warmup = wait_until(
+        "the writer has 50 writes acknowledged",
+        Duration::from_secs(20),
+        || match acks.load(Ordering::Relaxed) {
+            n if n >= 50 => Ok(()),
+            n if writer.is_finished() => Err(format!("the writer stopped after {n} writes")),
+            n => Err(format!("{n} acknowledged")),
+        },
+    );
+    eprintln!("[migrate] the writer is running (50 writes in {warmup:.2?})");
+
+    // (a) The vShard moves while it is being written.
+    let vshard_arg = moving.get().to_string();
+    let to_arg = va_to.0.to_string();
+    let (va_row, va_took) = migrate_json(&[
+        "migrate",
+        "vshard",
+        "--dir",
+        &c.dir,
+        &vshard_arg,
+        "--to",
+        &to_arg,
+        "--json",
+    ]);
+    let va_id = va_row["id"].as_str().expect("the row has an id").to_owned();
+    assert_eq!(
+        va_row["what"].as_str(),
+        Some(
+            format!(
+                "move vShard {} from group {} to group {}",
+                moving.get(),
+                va_from.0,
+                va_to.0
+            )
+            .as_str()
+        ),
+        "{va_row:#}"
+    );
+    // A second move to the same group is refused, naming it.
+    must_fail(
+        &[
+            "migrate",
+            "vshard",
+            "--dir",
+            &c.dir,
+            &vshard_arg,
+            "--to",
+            &to_arg,
+        ],
+        &format!("already in group {}", va_to.0),
+    );
+
+    // (b) A 4th node joins, and group `replica_group`'s replica moves from
+    // node 1 to it.
+    let token = must(&["token", "issue", "--dir", &c.dir]).trim().to_owned();
+    let config = joiner_config(&h.path("joiner-4"), base + 3, &c.addr(1));
+    let joiner = h.start_node(&config, Some(&token), "node4");
+    h.wait_serving(&joiner, Duration::from_secs(40));
+    wait_until(
+        "node 4 is an active member",
+        Duration::from_secs(30),
+        || {
+            let report = c.status(&[])?;
+            let n = node(&report, 4).ok_or("node 4 is missing")?;
+            let active = n["state"].as_str().is_some_and(|s| s.contains("active"));
+            if active && n["reachable"].as_bool() == Some(true) {
+                Ok(())
+            } else {
+                Err(format!("node 4: {n}"))
+            }
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let group_arg = replica_group.0.to_string();
+    let (rg_row, rg_took) = migrate_json(&[
+        "migrate", "replica", "--dir", &c.dir, "--group", &group_arg, "--from", "1", "--to", "4",
+        "--json",
+    ]);
+    let rg_id = rg_row["id"].as_str().expect("the row has an id").to_owned();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let log = writer.join().expect("the writer panicked");
+
+    let report = c
+        .status(&[])
+        .unwrap_or_else(|e| panic!("status failed:\n{e}"));
+    let members = group(&report, replica_group.0).cloned().unwrap_or_default();
+    let voters: Vec<u64> = members["voters"]
+        .as_array()
+        .map(|v| v.iter().filter_map(Value::as_u64).collect())
+        .unwrap_or_default();
+    assert!(
+        voters.contains(&4) && !voters.contains(&1),
+        "group {} should have node 4 and not node 1 as voters:\n{members:#}",
+        replica_group.0
+    );
+
+    // (c) Every acknowledged write reads back with its value.
+    assert!(
+        log.acked.len() >= 100,
+        "the writer got only {} writes acknowledged ({} failed: {:?})",
+        log.acked.len(),
+        log.failed,
+        log.first_errors
+    );
+    let t = Instant::now();
+    let wrong = read_back(&c, &log.acked, 16);
+    assert!(
+        wrong.is_empty(),
+        "{} of {} acknowledged writes are lost or wrong, e.g.:\n{}",
+        wrong.len(),
+        log.acked.len(),
+        wrong
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let va_pause = pause_in_status(&c, &va_id);
+    let rg_pause = pause_in_status(&c, &rg_id);
+    println!(
+        "[migrate] {} writes acknowledged during the moves ({} refused or unknown{}), all {} read back in {:.2?}",
+        log.acked.len(),
+        log.failed,
+        log.first_errors.first().map_or(String::new(), |e| format!(", e.g. {e}")),
+        log.acked.len(),
+        t.elapsed()
+    );
+    println!(
+        "[migrate] WRITE PAUSE vShard move ({}): {va_pause:.1} ms measured, `keel migrate` took {va_took:.2?}; slowest acknowledged write to it {:.1?}",
+        va_row["what"].as_str().unwrap_or(""),
+        log.slowest_moving
+    );
+    println!(
+        "[migrate] WRITE PAUSE replica move ({}): {rg_pause:.1} ms measured, `keel migrate` took {rg_took:.2?}; slowest acknowledged write to the group {:.1?}",
+        rg_row["what"].as_str().unwrap_or(""),
+        log.slowest_group
+    );
+
+    // A group holding 10,000 keys: 1,000 in one of its vShards, 9,000 over
+    // the others. Group `big`'s replica moves from node 1 to node 4, then the
+    // 1,000-key vShard moves to another group.
+    let big = (1..=data_groups)
+        .map(GroupId)
+        .find(|g| ![va_from, va_to, replica_group].contains(g))
+        .expect("a fourth group");
+    let big_vshard = routing
+        .vshards_of(big)
+        .next()
+        .expect("the group has vShards");
+    let mut next = 0;
+    let mut pairs: Vec<(String, String)> = (0..1_000)
+        .map(|i| {
+            (
+                key_where("big", &mut next, |v| v == big_vshard),
+                format!("b-{i}"),
+            )
+        })
+        .collect();
+    let mut next = 0;
+    pairs.extend((1_000..10_000).map(|i| {
+        let key = key_where("bulk", &mut next, |v| v != big_vshard && group_of(v) == big);
+        (key, format!("b-{i}"))
+    }));
+    let t = Instant::now();
+    write_all(&c, &pairs, 64);
+    let load = t.elapsed();
+    println!(
+        "[migrate] wrote 10,000 keys into group {} ({:.0} writes/s, 64 at a time)",
+        big.0,
+        10_000.0 / load.as_secs_f64()
+    );
+    let big_arg = big.0.to_string();
+    let run = keel(&[
+        "migrate", "replica", "--dir", &c.dir, "--group", &big_arg, "--from", "1", "--to", "4",
+    ]);
+    assert!(
+        run.ok(),
+        "moving the big group's replica must complete:\n{}",
+        run.describe()
+    );
+    let said = run.stdout.trim().to_owned();
+    let expected = format!(
+        "done: move group {}'s replica from node 1 to node 4 in ",
+        big.0
+    );
+    assert!(
+        said.starts_with(&expected) && said.contains(" s, write pause ") && said.ends_with(" ms"),
+        "`keel migrate` should say `{expected}<secs> s, write pause <ms> ms`:\n{}",
+        run.describe()
+    );
+    println!(
+        "[migrate] GROUP OF 10,000 KEYS: replica moved in {:.2?} (`keel` said: {said})",
+        run.elapsed
+    );
+    let dest = (1..=data_groups)
+        .map(GroupId)
+        .find(|g| *g != big)
+        .expect("another group");
+    let (bv_row, bv_took) = migrate_json(&[
+        "migrate",
+        "vshard",
+        "--dir",
+        &c.dir,
+        &big_vshard.get().to_string(),
+        "--to",
+        &dest.0.to_string(),
+        "--json",
+    ]);
+    let bv_pause = bv_row["write_pause_us"].as_u64().expect("a measured pause") as f64 / 1000.0;
+    println!(
+        "[migrate] VSHARD OF 1,000 KEYS: {} in {bv_took:.2?}, write pause {bv_pause:.1} ms",
+        bv_row["what"].as_str().unwrap_or("")
+    );
+    let t = Instant::now();
+    let wrong = read_back(&c, &pairs, 32);
+    assert!(
+        wrong.is_empty(),
+        "{} of the 10,000 keys are lost or wrong after the moves, e.g.:\n{}",
+        wrong.len(),
+        wrong
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!("[migrate] the 10,000 keys read back in {:.2?}", t.elapsed());
+    let report = c
+        .status(&[])
+        .unwrap_or_else(|e| panic!("status failed:\n{e}"));
+    is_healthy(&report).unwrap_or_else(|e| panic!("after the moves: {e}\n{report:#}"));
+    let open: Vec<&Value> = report["migrations"]
+        .as_array()
+        .map(|m| {
+            m.iter()
+                .filter(|m| m["complete"].as_bool() != Some(true))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        open.is_empty(),
+        "no migration should be left unfinished: {open:#?}"
+    );
+    let text = must(&["status", "--dir", &c.dir]);
+    assert!(
+        text.contains("COMPLETED") && text.contains(bv_row["what"].as_str().unwrap_or("?")),
+        "`keel status` should list the completed moves with their pause:\n{text}"
+    );
+
+    // Node 4 leaves again: its replicas move off, then it is removed.
+    let plan = must(&["decommission", "--dir", &c.dir, "4", "--dry-run"]);
+    assert!(
+        plan.lines().count() >= 2 && plan.lines().all(|l| l.contains("from node 4 to node")),
+        "the dry run should list node 4's replica moves:\n{plan}"
+    );
+    let run = keel(&["decommission", "--dir", &c.dir, "4"]);
+    assert!(
+        run.ok(),
+        "decommissioning node 4 must finish:\n{}",
+        run.describe()
+    );
+    assert!(
+        run.stdout.contains("node 4 decommissioned and removed"),
+        "{}",
+        run.describe()
+    );
+    let moved = run
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("done: "))
+        .count();
+    println!(
+        "[migrate] DECOMMISSION of node 4: {moved} replica moves in {:.2?}",
+        run.elapsed
+    );
+    let report = c
+        .status(&[])
+        .unwrap_or_else(|e| panic!("status failed:\n{e}"));
+    assert!(
+        !node_ids(&report).contains(&4),
+        "node 4 should be gone from the topology:\n{report:#}"
+    );
+    let wrong = read_back(&c, &pairs[..1_000], 32);
+    assert!(
+        wrong.is_empty(),
+        "{} of the moved vShard's keys are lost or wrong after the decommission, e.g.:\n{}",
+        wrong.len(),
+        wrong
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    println!("[migrate] total {:.1?}", started.elapsed());
+}
