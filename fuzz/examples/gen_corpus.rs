@@ -68,16 +68,6 @@ fn replica_row(phase: MigrationPhaseTag, attempt: u32) -> MigrationRow {
     )
 }
 
-fn checkpoint(row: &MigrationRow) -> MetadataEntry {
-    MetadataEntry::MigrationCheckpoint {
-        migration_id: row.migration_id,
-        phase: row.phase,
-        attempt: row.attempt,
-        payload: row.payload.clone(),
-        crc32c: row.crc32c,
-        ts_ms: row.ts_ms,
-    }
-}
 
 /// A log that exercises every entry kind against the applier's bootstrap
 /// cluster (node 1; four data groups): nodes 2..=4 join and become voters,
@@ -190,8 +180,8 @@ fn cluster_log() -> Vec<MetadataRecord> {
         remove_ca_fingerprint: Some(keel::core::cache::fingerprint(b"fuzz CA")),
     });
     push(MetadataEntry::SurrogateAlloc { hwm: 1_000 });
-    push(checkpoint(&replica_row(MigrationPhaseTag::AddLearner, 1)));
-    push(checkpoint(&replica_row(MigrationPhaseTag::CatchUp, 1)));
+    push(MetadataEntry::from(&replica_row(MigrationPhaseTag::AddLearner, 1)));
+    push(MetadataEntry::from(&replica_row(MigrationPhaseTag::CatchUp, 1)));
     push(MetadataEntry::MigrationAbort {
         migration_id: MigrationId::from_random_bytes([1; 16]),
         reason: "write pause over budget".into(),
@@ -718,7 +708,7 @@ fn main() {
     let mut corrupt = replica_row(MigrationPhaseTag::AddLearner, 1);
     corrupt.crc32c ^= 1;
     let mut program = Vec::new();
-    record_op(&mut program, &at(5, checkpoint(&corrupt)), false);
+    record_op(&mut program, &at(5, MetadataEntry::from(&corrupt)), false);
     c.add("corrupt-checkpoint", &program);
     c.add(
         "noops",

@@ -263,14 +263,7 @@ pub fn simple_entry() -> impl Strategy<Value = MetadataEntry> {
                 ts_ms,
             }
         ),
-        migration_row().prop_map(|row| MetadataEntry::MigrationCheckpoint {
-            migration_id: row.migration_id,
-            phase: row.phase,
-            attempt: row.attempt,
-            payload: row.payload,
-            crc32c: row.crc32c,
-            ts_ms: row.ts_ms,
-        }),
+        migration_row().prop_map(|row| MetadataEntry::from(&row)),
         (
             migration_id(),
             ".{0,12}",

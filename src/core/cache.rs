@@ -1067,30 +1067,19 @@ mod tests {
         )
     }
 
-    fn checkpoint_entry(row: &MigrationRow) -> MetadataEntry {
-        MetadataEntry::MigrationCheckpoint {
-            migration_id: row.migration_id,
-            phase: row.phase,
-            attempt: row.attempt,
-            payload: row.payload.clone(),
-            crc32c: row.crc32c,
-            ts_ms: row.ts_ms,
-        }
-    }
-
     #[test]
     fn a_migration_starts_only_where_it_fits_and_one_per_group() {
         let mut cache = bootstrap();
         let mut events = Vec::new();
         apply_entries(&mut cache, cluster_prefix(), &mut events).unwrap();
         let first = replica_checkpoint(MigrationPhaseTag::AddLearner, 0);
-        apply_entries(&mut cache, vec![checkpoint_entry(&first)], &mut events).unwrap();
+        apply_entries(&mut cache, vec![MetadataEntry::from(&first)], &mut events).unwrap();
         assert_eq!(cache.state().migrations.len(), 1);
         // A second move of group 1 is refused while the first is unfinished.
         let mut second = first.clone();
         second.migration_id = MigrationId::from_random_bytes([2; 16]);
         let rejected = cache.state().rejected_total;
-        apply_entries(&mut cache, vec![checkpoint_entry(&second)], &mut events).unwrap();
+        apply_entries(&mut cache, vec![MetadataEntry::from(&second)], &mut events).unwrap();
         assert_eq!(cache.state().rejected_total, rejected + 1);
         assert!(matches!(
             &cache.state().recent_rejections.back().unwrap().reason,
@@ -1111,7 +1100,7 @@ mod tests {
             }),
             1,
         );
-        apply_entries(&mut cache, vec![checkpoint_entry(&stray)], &mut events).unwrap();
+        apply_entries(&mut cache, vec![MetadataEntry::from(&stray)], &mut events).unwrap();
         assert!(matches!(
             &cache.state().recent_rejections.back().unwrap().reason,
             RejectReason::Migration(MigrationError::CannotStart { reason, .. }) if reason.contains("holds no replica")
@@ -1143,8 +1132,8 @@ mod tests {
         let log = log_of(
             1,
             &[
-                at(1, checkpoint_entry(&good)),
-                at(2, checkpoint_entry(&bad)),
+                at(1, MetadataEntry::from(&good)),
+                at(2, MetadataEntry::from(&bad)),
                 at(3, MetadataEntry::SurrogateAlloc { hwm: 9 }),
             ],
         );
@@ -1245,7 +1234,7 @@ mod tests {
         let mut events = Vec::new();
         let mut entries = cluster_prefix();
         let row = replica_checkpoint(MigrationPhaseTag::AddLearner, 0);
-        entries.push(checkpoint_entry(&row));
+        entries.push(MetadataEntry::from(&row));
         entries.push(MetadataEntry::RoutingChange(RoutingChange::AddLearner {
             group_id: GroupId(1),
             node_id: n(2),

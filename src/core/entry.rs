@@ -10,7 +10,7 @@ use crate::core::codec::{self, FrameKind, Wire};
 use crate::core::hlc::Hlc;
 use crate::core::ids::{DescriptorId, MigrationId, NodeId};
 use crate::core::lease::DescriptorLease;
-use crate::core::migration::{Compensation, MigrationPhaseTag};
+use crate::core::migration::{Compensation, MigrationPhaseTag, MigrationRow};
 use crate::core::routing::RoutingChange;
 use crate::core::token::{JoinTokenTransitionKind, TokenHash};
 use crate::core::topology::TopologyChange;
@@ -89,6 +89,21 @@ pub enum MetadataEntry {
         reason: String,
         compensations: Vec<Compensation>,
     },
+}
+
+/// The checkpoint entry that upserts `row` (the applier rebuilds the same
+/// row from it).
+impl From<&MigrationRow> for MetadataEntry {
+    fn from(row: &MigrationRow) -> Self {
+        MetadataEntry::MigrationCheckpoint {
+            migration_id: row.migration_id,
+            phase: row.phase,
+            attempt: row.attempt,
+            payload: row.payload.clone(),
+            crc32c: row.crc32c,
+            ts_ms: row.ts_ms,
+        }
+    }
 }
 
 impl MetadataEntry {

@@ -20,6 +20,7 @@
 //! [`placement::next_replicas`](crate::core::placement::next_replicas)' job;
 //! the planner here only moves replicas that already exist.
 
+use crate::core::cache::MetadataState;
 use crate::core::ids::{GroupId, MigrationId, NodeId, VShardId};
 use crate::core::migration::{MigrationCheckpointPayload, MigrationPhaseTag, MigrationRow};
 use crate::core::routing::{GroupRoute, RoutingTable};
@@ -40,7 +41,19 @@ pub struct ClusterView<'a> {
     pub live: &'a BTreeSet<NodeId>,
 }
 
-impl ClusterView<'_> {
+impl<'a> ClusterView<'a> {
+    /// The view of a replicated metadata state, with the nodes the caller
+    /// found reachable.
+    pub fn new(state: &'a MetadataState, live: &'a BTreeSet<NodeId>) -> Self {
+        ClusterView {
+            topology: &state.topology,
+            routing: &state.routing,
+            replication_factor: usize::try_from(state.replication_factor).unwrap_or(usize::MAX),
+            migrations: &state.migrations,
+            live,
+        }
+    }
+
     /// The data groups no new move may touch: those named by an in-flight
     /// migration, or every group of the routing table (plus the metadata
     /// group) when some migration row does not verify, since such a row may be

@@ -136,7 +136,7 @@ pub async fn start_move(node: &Node, planned: PlannedMove) -> Result<MigrationId
     rand_chacha::ChaCha8Rng::from_seed(seed).fill_bytes(&mut bytes);
     let id = MigrationId::from_random_bytes(bytes);
     let row = MigrationRow::new(id, phase, 0, &payload, node.now_ms());
-    commit(node, checkpoint_entry(&row)).await?;
+    commit(node, MetadataEntry::from(&row)).await?;
     crate::probe!("migration.started");
     probe_phase(phase);
     Ok(id)
@@ -161,17 +161,6 @@ pub async fn carry_out(
             Ok(None)
         }
         other => start_move(node, other).await.map(Some),
-    }
-}
-
-fn checkpoint_entry(row: &MigrationRow) -> MetadataEntry {
-    MetadataEntry::MigrationCheckpoint {
-        migration_id: row.migration_id,
-        phase: row.phase,
-        attempt: row.attempt,
-        payload: row.payload.clone(),
-        crc32c: row.crc32c,
-        ts_ms: row.ts_ms,
     }
 }
 
@@ -299,7 +288,7 @@ impl Executor {
             }
             let claimed =
                 MigrationRow::new(id, row.phase, row.attempt + 1, &payload, self.node.now_ms());
-            commit(&self.node, checkpoint_entry(&claimed)).await?;
+            commit(&self.node, MetadataEntry::from(&claimed)).await?;
             self.claims.insert(
                 id,
                 Claim {
@@ -374,10 +363,10 @@ impl Executor {
         let attempt = self.claims.get(&id).map_or(0, |c| c.attempt);
         let row = MigrationRow::new(id, next, attempt, &payload, self.node.now_ms());
         let entry = if extra.is_empty() {
-            checkpoint_entry(&row)
+            MetadataEntry::from(&row)
         } else {
             let mut entries = extra;
-            entries.push(checkpoint_entry(&row));
+            entries.push(MetadataEntry::from(&row));
             MetadataEntry::Batch {
                 entries: BatchEntries(entries),
             }
@@ -656,7 +645,7 @@ impl Executor {
                                     new_group_id: b,
                                     new_leaseholder_node_id: leaseholder,
                                 }),
-                                checkpoint_entry(&row),
+                                MetadataEntry::from(&row),
                             ]),
                         },
                     )
@@ -888,13 +877,7 @@ impl Executor {
                 crate::probe!("decommission.finished");
                 continue;
             }
-            let view = ClusterView {
-                topology: &state.topology,
-                routing: &state.routing,
-                replication_factor: usize::try_from(state.replication_factor).unwrap_or(usize::MAX),
-                migrations: &state.migrations,
-                live: &live,
-            };
+            let view = ClusterView::new(state, &live);
             let busy = view.busy_groups();
             let Ok(plan) = plan_decommission(&view, node) else {
                 crate::probe!("decommission.waiting_for_safe_move");

@@ -374,13 +374,7 @@ async fn decommission(
 ) -> Result<ClientResponse, ServiceError> {
     let state = node.metadata().await?;
     let live = live_nodes(node, &state).await;
-    let view = ClusterView {
-        topology: &state.topology,
-        routing: &state.routing,
-        replication_factor: usize::try_from(state.replication_factor).unwrap_or(usize::MAX),
-        migrations: &state.migrations,
-        live: &live,
-    };
+    let view = ClusterView::new(&state, &live);
     let moves =
         plan_decommission(&view, target).map_err(|e| ServiceError::BadRequest(e.to_string()))?;
     if !dry_run {
@@ -413,13 +407,7 @@ async fn rebalance(
 ) -> Result<ClientResponse, ServiceError> {
     let state = node.metadata().await?;
     let live = live_nodes(node, &state).await;
-    let view = ClusterView {
-        topology: &state.topology,
-        routing: &state.routing,
-        replication_factor: usize::try_from(state.replication_factor).unwrap_or(usize::MAX),
-        migrations: &state.migrations,
-        live: &live,
-    };
+    let view = ClusterView::new(&state, &live);
     let moves = plan_rebalance(&view, usize::try_from(max_moves).unwrap_or(usize::MAX));
     let mut started = Vec::new();
     if !dry_run {
