@@ -15,11 +15,6 @@ use crate::node::service::Credentials;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-
-/// How long an identity change asked for by a call waits before it closes
-/// the connections, the caller's among them.
-const RELOAD_GRACE: Duration = Duration::from_millis(300);
 
 /// What a node keeps in `identity.cred`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -101,28 +96,6 @@ impl NodeCredentials {
         Ok(())
     }
 
-    /// Like [`replace`](Self::replace), but the reload (which closes every
-    /// connection) waits [`RELOAD_GRACE`] so that the answer to the call
-    /// that asked for it still gets out. The file is written first, so a
-    /// crash in between restarts with the new identity.
-    fn replace_after_answer(
-        &self,
-        current: &mut StoredIdentity,
-        next: StoredIdentity,
-    ) -> Result<(), String> {
-        files::write(&self.path, &next).map_err(|e| e.to_string())?;
-        let transport = self.transport.clone();
-        let tls = next.tls.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(RELOAD_GRACE).await;
-            if let Err(e) = transport.reload_identity(tls) {
-                tracing::error!(error = %e, "cannot put the new TLS identity in force; restart the node");
-            }
-        });
-        *current = next;
-        Ok(())
-    }
-
     /// Trusts exactly `trusted` (group 0's CA set) if that differs from what
     /// the node trusts now.
     pub fn follow_trust(&self, mut trusted: Vec<Vec<u8>>) -> Result<(), String> {
@@ -173,7 +146,7 @@ impl Credentials for NodeCredentials {
             ca_key_der: ca.key_der(),
             ..identity.clone()
         };
-        self.replace_after_answer(&mut identity, next)?;
+        self.replace(&mut identity, next)?;
         *lock(&self.issuer) = Arc::new(CaIssuer(ca));
         tracing::info!(node = %identity.node_id, "adopted a staged CA: new certificate in force");
         Ok(())

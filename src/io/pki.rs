@@ -253,6 +253,20 @@ impl ClusterCa {
     }
 }
 
+/// Whether one of `cas_der` signed the certificate `leaf_der`. Unparsable
+/// input is signed by nobody. The transport asks this of connections that
+/// are already open when the trusted CA set shrinks.
+pub fn issued_by_any(leaf_der: &[u8], cas_der: &[Vec<u8>]) -> bool {
+    let Ok((_, leaf)) = x509_parser::certificate::X509Certificate::from_der(leaf_der) else {
+        return false;
+    };
+    cas_der.iter().any(|ca_der| {
+        x509_parser::certificate::X509Certificate::from_der(ca_der).is_ok_and(|(_, ca)| {
+            leaf.issuer() == ca.subject() && leaf.verify_signature(Some(ca.public_key())).is_ok()
+        })
+    })
+}
+
 /// The public key of a well-formed, correctly self-signed CSR whose key type
 /// keel certifies. Everything else the CSR says is ignored.
 fn csr_public_key(csr_der: &[u8]) -> Result<SubjectPublicKeyInfo, PkiError> {
@@ -384,6 +398,21 @@ mod tests {
             &identity.cert_chain_der[0],
             "node-4.keel"
         ));
+    }
+
+    #[test]
+    fn issued_by_any_checks_the_signature_not_the_name() {
+        let ca = ClusterCa::generate().expect("ca");
+        let other = ClusterCa::generate().expect("other ca");
+        let leaf = ca.issue_node(node(1)).expect("issue").cert_chain_der[0].clone();
+        let admin = ca.issue_admin().expect("admin").cert_chain_der[0].clone();
+        assert!(issued_by_any(&leaf, &[ca.cert_der()]));
+        assert!(issued_by_any(&admin, &[other.cert_der(), ca.cert_der()]));
+        // Another CA with the same subject name did not sign it.
+        assert!(!issued_by_any(&leaf, &[other.cert_der()]));
+        assert!(!issued_by_any(&leaf, &[]));
+        assert!(!issued_by_any(b"not a cert", &[ca.cert_der()]));
+        assert!(!issued_by_any(&leaf, &[b"not a cert".to_vec()]));
     }
 
     #[test]

@@ -37,11 +37,14 @@
 //!   call.
 //!
 //! [`QuicTransport::reload_identity`] swaps the node's certificate and
-//! trusted CA set live (CA rotation): every connection made under the old
-//! identity is closed, so each peer re-handshakes under the new trust.
+//! trusted CA set live (CA rotation). New connections use the new identity;
+//! an existing one is closed only if its peer's certificate no longer
+//! chains to a trusted CA, so staging a CA (trust only grows) interrupts no
+//! call in flight, and finalizing cuts off exactly the peers still on the
+//! removed CA.
 
 use crate::core::ids::NodeId;
-use crate::io::pki::{node_dns_name, TlsIdentity, ADMIN_DNS_NAME};
+use crate::io::pki::{issued_by_any, node_dns_name, TlsIdentity, ADMIN_DNS_NAME};
 use crate::io::transport::{
     CallFuture, Inbound, InboundReceiver, Transport, TransportError, MAX_FRAME_LEN,
 };
@@ -317,6 +320,21 @@ fn classify(conn: &Connection) -> Option<Peer> {
     }
 }
 
+/// Whether the peer that `conn` authenticated is accepted by `trusted`: an
+/// anonymous client always is (no CA vouched for it), a certificate only if
+/// one of `trusted` signed its leaf.
+fn peer_trusted(conn: &Connection, trusted: &[Vec<u8>]) -> bool {
+    let Some(identity) = conn.peer_identity() else {
+        return true;
+    };
+    let Ok(chain) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
+        return false;
+    };
+    chain
+        .first()
+        .is_none_or(|leaf| issued_by_any(leaf.as_ref(), trusted))
+}
+
 /// Whether a QUIC connection error carries a TLS alert (transport error
 /// codes `0x100..=0x1ff`), from either side: a handshake failure.
 pub(crate) fn is_tls_failure(err: &quinn::ConnectionError) -> bool {
@@ -390,17 +408,19 @@ struct Tls {
     generation: u64,
     server: Arc<quinn::ServerConfig>,
     client: quinn::ClientConfig,
-    /// Connections (both directions) established under `generation`;
-    /// closed ones are pruned lazily.
+    /// The CA certificates (DER) trusted now.
+    trusted_cas_der: Vec<Vec<u8>>,
+    /// Open connections (both directions) whose peer the current trust
+    /// accepts; closed ones are pruned lazily.
     conns: Vec<Connection>,
 }
 
 impl Tls {
     /// Records `conn`, established with the configuration of `generation`.
-    /// Returns false if the identity changed meanwhile: the caller must
-    /// close it, since it was verified under the old trust.
+    /// Returns false if the identity changed meanwhile and the new trust
+    /// does not accept the peer: the caller must close it.
     fn register(&mut self, conn: &Connection, generation: u64) -> bool {
-        if generation != self.generation {
+        if generation != self.generation && !peer_trusted(conn, &self.trusted_cas_der) {
             return false;
         }
         self.conns.retain(|c| c.close_reason().is_none());
@@ -886,6 +906,7 @@ pub async fn bind(
         generation: 0,
         server: server_config,
         client: client_config,
+        trusted_cas_der: identity.trusted_cas_der.clone(),
         conns: Vec::new(),
     }));
     let (nodes_tx, nodes_rx) = mpsc::unbounded_channel();
@@ -927,11 +948,13 @@ impl QuicTransport {
 
     /// Swaps the node's TLS identity live (CA rotation): the new certificate
     /// and trusted CA set apply to every handshake from now on, in both
-    /// directions, and every existing connection, outgoing and incoming, is
-    /// closed so that each peer re-handshakes under the new trust. Calls in
-    /// flight on those connections fail (`Dropped` or `Unreachable`); frames
-    /// being written are lost, as Raft allows. An unusable identity is
-    /// refused and the old one stays in force.
+    /// directions. An existing connection, outgoing or incoming, is closed
+    /// if the new trust does not accept the certificate its peer
+    /// authenticated with, so that the peer must re-handshake; calls in
+    /// flight on it fail (`Dropped` or `Unreachable`) and frames being
+    /// written are lost, as Raft allows. Connections to peers still trusted
+    /// stay open: they go on under the identity they were made with. An
+    /// unusable identity is refused and the old one stays in force.
     pub fn reload_identity(&self, identity: TlsIdentity) -> Result<(), QuicError> {
         let (server, client) = quic_configs(&identity)?;
         let stale = {
@@ -942,7 +965,13 @@ impl QuicTransport {
             tls.generation += 1;
             tls.server = server;
             tls.client = client;
-            std::mem::take(&mut tls.conns)
+            tls.trusted_cas_der = identity.trusted_cas_der.clone();
+            let (keep, stale): (Vec<_>, Vec<_>) = std::mem::take(&mut tls.conns)
+                .into_iter()
+                .filter(|c| c.close_reason().is_none())
+                .partition(|c| peer_trusted(c, &identity.trusted_cas_der));
+            tls.conns = keep;
+            stale
         };
         tracing::info!(me = %self.inner.me, closing = stale.len(), "TLS identity reloaded");
         for conn in stale {

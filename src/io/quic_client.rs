@@ -799,12 +799,17 @@ mod tests {
             .connection(addr, Instant::now() + DEFAULT_CALL_TIMEOUT)
             .await
             .expect("cached");
-        // The node swaps its identity, closing every connection.
-        n1.reload_identity(ca.issue_node(node(1)).expect("issue"))
-            .expect("reload");
+        // The node stops trusting the admin's CA, which closes its
+        // connection, then trusts it again.
+        let other = ClusterCa::generate().expect("other ca");
+        let mut distrust = ca.issue_node(node(1)).expect("issue");
+        distrust.trusted_cas_der = vec![other.cert_der()];
+        n1.reload_identity(distrust).expect("reload");
         tokio::time::timeout(Duration::from_secs(5), old.closed())
             .await
             .expect("the client learns of the close");
+        n1.reload_identity(ca.issue_node(node(1)).expect("issue"))
+            .expect("reload");
         assert_eq!(
             client.call(addr, b"2".to_vec(), DEFAULT_CALL_TIMEOUT).await,
             Ok(b"Admin:2".to_vec())
@@ -817,6 +822,27 @@ mod tests {
                 .stable_id(),
             old.stable_id()
         );
+    }
+
+    #[tokio::test]
+    async fn a_call_in_flight_survives_a_reload_that_keeps_trusting_its_caller() {
+        let ca = ClusterCa::generate().expect("ca");
+        let staged = ClusterCa::generate().expect("staged ca");
+        let (n1, _nodes, mut clients) = server(ca.issue_node(node(1)).expect("issue")).await;
+        let addr = n1.local_addr();
+        let client = QuicClient::admin(&ca.issue_admin().expect("admin")).expect("client");
+        // A CA stage: the node presents a certificate of the new CA and
+        // trusts both, while the admin's call is being served.
+        let call = client.call(addr, b"1".to_vec(), DEFAULT_CALL_TIMEOUT);
+        let (response, ()) = tokio::join!(call, async {
+            let call = next_call(&mut clients).await;
+            let mut stage = staged.issue_node(node(1)).expect("issue");
+            stage.trusted_cas_der = vec![ca.cert_der(), staged.cert_der()];
+            n1.reload_identity(stage).expect("reload");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let _ = call.reply.send(call.request);
+        });
+        assert_eq!(response, Ok(b"1".to_vec()));
     }
 
     #[tokio::test]
