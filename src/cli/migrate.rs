@@ -233,31 +233,24 @@ async fn start(client: &AdminClient, planned: PlannedMove) -> Result<MigrationId
     }
 }
 
-/// Starts the move of `vshard` to `to` from the group serving it, which
-/// the client works out from the migration table; if the cluster names
-/// another group, that one is used.
+/// Starts the move of `vshard` to `to` from the group routing says serves
+/// it now.
 async fn start_vshard(
     client: &AdminClient,
     vshard: VShardId,
     to: GroupId,
 ) -> Result<(PlannedMove, MigrationId), String> {
-    let (first, each) = client.statuses().await?;
-    let report = status::assemble(&first, &each);
-    let data_groups = report
-        .groups
-        .iter()
-        .map(|g| g.group)
-        .max()
-        .filter(|&n| n > 0)
-        .ok_or("no node reported any data group; check `keel status`")?;
-    if to.0 > data_groups {
+    let (first, _) = client.statuses().await?;
+    let data_groups = first.vshard_groups.iter().map(|g| g.0).max().unwrap_or(0);
+    if to.0 == 0 || to.0 > data_groups {
         return Err(format!(
-            "group {} does not exist; the data groups are 1 to {data_groups}",
+            "group {} is not a data group; the data groups are 1 to {data_groups}",
             to.0
         ));
     }
     if let Some(moving) = first.migrations.iter().find(|m| {
-        !m.complete && matches!(parse_move(&m.what), Some(PlannedMove::VShard { vshard: v, .. }) if v == vshard)
+        !m.complete
+            && matches!(m.planned, Some(PlannedMove::VShard { vshard: v, .. }) if v == vshard)
     }) {
         return Err(format!(
             "vShard {} is already moving (migration {}, phase {}); wait for it to finish",
@@ -266,90 +259,19 @@ async fn start_vshard(
             moving.phase
         ));
     }
-    let mut from = serving_group(vshard, data_groups, &first.migrations);
-    for _ in 0..2 {
-        if from == to {
-            return Err(format!(
-                "vShard {} is already in group {}; nothing to move",
-                vshard.get(),
-                to.0
-            ));
-        }
-        let planned = PlannedMove::VShard { vshard, from, to };
-        match start(client, planned).await {
-            Ok(id) => return Ok((planned, id)),
-            // Our reading of the table was wrong; the cluster says which
-            // group serves it.
-            Err(e) => match served_by(&e) {
-                Some(serving) if serving != from => from = serving,
-                _ => return Err(e),
-            },
-        }
+    let from = *first
+        .vshard_groups
+        .get(vshard.index())
+        .ok_or("the node's status lacks the vShard map; is it an older keel?")?;
+    if from == to {
+        return Err(format!(
+            "vShard {} is already in group {}; nothing to move",
+            vshard.get(),
+            to.0
+        ));
     }
-    Err(format!(
-        "the cluster kept naming another group as vShard {}'s; retry",
-        vshard.get()
-    ))
-}
-
-/// The group serving `vshard`: its bootstrap group (`v % data_groups + 1`,
-/// DESIGN.md §4), moved along by every completed vShard move in the table,
-/// oldest first.
-fn serving_group(vshard: VShardId, data_groups: u64, rows: &[MigrationSummary]) -> GroupId {
-    let mut moves: Vec<(u64, GroupId, GroupId)> = rows
-        .iter()
-        .filter(|m| m.complete)
-        .filter_map(|m| match parse_move(&m.what) {
-            Some(PlannedMove::VShard {
-                vshard: v,
-                from,
-                to,
-            }) if v == vshard => Some((m.updated_ms, from, to)),
-            _ => None,
-        })
-        .collect();
-    moves.sort();
-    let mut group = GroupId(u64::from(vshard.get()) % data_groups + 1);
-    for (_, from, to) in moves {
-        if from == group {
-            group = to;
-        }
-    }
-    group
-}
-
-/// The group named by the applier's refusal "vShard V is served by group
-/// X, not Y".
-fn served_by(error: &str) -> Option<GroupId> {
-    let rest = error.split("is served by group ").nth(1)?;
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok().map(GroupId)
-}
-
-/// Reads a [`PlannedMove`]'s `Display` back (the migration table's rows
-/// name their move in those words).
-pub fn parse_move(what: &str) -> Option<PlannedMove> {
-    let words: Vec<&str> = what.split_whitespace().collect();
-    let num = |i: usize| -> Option<u64> { words.get(i)?.parse().ok() };
-    match words.as_slice() {
-        ["move", "vShard", _, "from", "group", _, "to", "group", _] => Some(PlannedMove::VShard {
-            vshard: VShardId::new(u16::try_from(num(2)?).ok()?).ok()?,
-            from: GroupId(num(5)?),
-            to: GroupId(num(8)?),
-        }),
-        ["move", "group", g, "replica", "from", "node", _, "to", "node", _] => {
-            Some(PlannedMove::Replica {
-                group: GroupId(g.strip_suffix("'s")?.parse().ok()?),
-                source: NodeId::new(num(6)?).ok()?,
-                target: NodeId::new(num(9)?).ok()?,
-            })
-        }
-        ["move", "group", g, "leadership", "to", "node", _] => Some(PlannedMove::Leader {
-            group: GroupId(g.strip_suffix("'s")?.parse().ok()?),
-            to: NodeId::new(num(6)?).ok()?,
-        }),
-        _ => None,
-    }
+    let planned = PlannedMove::VShard { vshard, from, to };
+    start(client, planned).await.map(|id| (planned, id))
 }
 
 /// After a single move started: `--no-wait` returns, otherwise follows it.
@@ -715,7 +637,7 @@ async fn follow_decommission(
             .migrations
             .iter()
             .filter(|m| {
-                matches!(parse_move(&m.what), Some(PlannedMove::Replica { source, .. }) if source.get() == node)
+                matches!(m.planned, Some(PlannedMove::Replica { source, .. }) if source.get() == node)
             })
             .collect();
         for row in &off_node {
@@ -909,6 +831,7 @@ mod tests {
     fn row(what: &str, complete: bool, updated_ms: u64) -> MigrationSummary {
         MigrationSummary {
             id: format!("id-{updated_ms}"),
+            planned: None,
             what: what.into(),
             phase: if complete { "Complete" } else { "Copy" }.into(),
             attempt: 1,
@@ -916,53 +839,6 @@ mod tests {
             write_pause_us: complete.then_some(1_500),
             updated_ms,
         }
-    }
-
-    #[test]
-    fn every_move_reads_back_from_its_display() {
-        let moves = [
-            PlannedMove::Replica {
-                group: GroupId(3),
-                source: NodeId::new(1).unwrap(),
-                target: NodeId::new(14).unwrap(),
-            },
-            PlannedMove::VShard {
-                vshard: VShardId::new(1023).unwrap(),
-                from: GroupId(8),
-                to: GroupId(2),
-            },
-            PlannedMove::Leader {
-                group: GroupId(12),
-                to: NodeId::new(2).unwrap(),
-            },
-        ];
-        for planned in moves {
-            assert_eq!(parse_move(&planned.to_string()), Some(planned), "{planned}");
-        }
-        assert_eq!(parse_move("unreadable checkpoint: crc mismatch"), None);
-    }
-
-    #[test]
-    fn the_serving_group_follows_completed_moves_in_order() {
-        let v = VShardId::new(13).unwrap();
-        // Bootstrap: 13 % 8 + 1 = 6.
-        assert_eq!(serving_group(v, 8, &[]), GroupId(6));
-        let rows = [
-            row("move vShard 13 from group 2 to group 6", true, 30),
-            row("move vShard 13 from group 6 to group 2", true, 20),
-            row("move vShard 14 from group 7 to group 1", true, 25),
-            row("move vShard 13 from group 6 to group 4", false, 40),
-            row("move group 6's replica from node 1 to node 4", true, 50),
-        ];
-        assert_eq!(serving_group(v, 8, &rows), GroupId(6));
-        assert_eq!(serving_group(v, 8, &rows[1..]), GroupId(2));
-    }
-
-    #[test]
-    fn the_applier_refusal_names_the_serving_group() {
-        let e = "migration 9b1c cannot start: vShard 13 is served by group 2, not 6";
-        assert_eq!(served_by(e), Some(GroupId(2)));
-        assert_eq!(served_by("group 2 is busy"), None);
     }
 
     #[test]

@@ -248,6 +248,7 @@ mod tests {
     ) -> MigrationSummary {
         MigrationSummary {
             id: id.into(),
+            planned: None,
             what: format!("move vShard {ms} from group 1 to group 2"),
             phase: phase.into(),
             attempt: 2,

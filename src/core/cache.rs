@@ -32,6 +32,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 /// How many recent rejections the cache keeps for `keel status`.
 pub const REJECTION_HISTORY: usize = 64;
+/// How many finished migrations the table keeps (they carry the write
+/// pause `keel status` shows); older ones are forgotten.
+pub const COMPLETED_MIGRATIONS_KEPT: usize = 256;
 /// The largest CA certificate accepted into the trust set.
 pub const MAX_CA_CERT_LEN: usize = 64 * 1024;
 
@@ -507,11 +510,11 @@ impl MetadataState {
     /// by a coordinator that lost its role can never undo a finished move.
     fn check_abortable(&self, row: &MigrationRow) -> Result<(), MigrationError> {
         use crate::core::migration::MigrationCheckpointPayload as Payload;
-        let reassigned = match row.verify().map_err(MigrationError::Unverified)? {
+        let payload = row.verify().map_err(MigrationError::Unverified)?;
+        let reassigned = match &payload {
             Payload::VShard(p) => self.routing.lookup(p.vshard_id).group == p.target_group,
             Payload::Replica(_) => false,
         };
-        let payload = row.verify().map_err(MigrationError::Unverified)?;
         if crate::core::migration::compensations(&payload, row.phase, reassigned).is_none() {
             return Err(MigrationError::PastNoReturn {
                 migration_id: row.migration_id,
@@ -519,6 +522,26 @@ impl MetadataState {
             });
         }
         Ok(())
+    }
+
+    /// Forgets the oldest finished migrations (by commit time, then id)
+    /// beyond [`COMPLETED_MIGRATIONS_KEPT`], so that the table stays bounded
+    /// however many moves the cluster makes. Deterministic: it looks only at
+    /// the rows.
+    fn forget_old_completed(&mut self) {
+        let mut completed: Vec<(u64, MigrationId)> = self
+            .migrations
+            .values()
+            .filter(|row| row.phase == MigrationPhaseTag::Complete)
+            .map(|row| (row.ts_ms, row.migration_id))
+            .collect();
+        let Some(excess) = completed.len().checked_sub(COMPLETED_MIGRATIONS_KEPT) else {
+            return;
+        };
+        completed.sort_unstable();
+        for (_, id) in &completed[..excess] {
+            self.migrations.remove(id);
+        }
     }
 
     fn apply_compensation(
@@ -735,7 +758,11 @@ fn apply_entry(
             }
             match decision {
                 UpsertDecision::Insert | UpsertDecision::Replace => {
+                    let complete = row.phase == MigrationPhaseTag::Complete;
                     state.migrations.insert(*migration_id, row);
+                    if complete {
+                        state.forget_old_completed();
+                    }
                 }
                 UpsertDecision::Duplicate => {}
             }
@@ -1106,6 +1133,40 @@ mod tests {
             RejectReason::Migration(MigrationError::CannotStart { reason, .. }) if reason.contains("holds no replica")
         ));
         assert_eq!(cache.state().migrations.len(), 1);
+    }
+
+    #[test]
+    fn only_the_newest_completed_migrations_are_kept() {
+        let mut cache = bootstrap();
+        let mut events = Vec::new();
+        apply_entries(&mut cache, cluster_prefix(), &mut events).unwrap();
+        let total = COMPLETED_MIGRATIONS_KEPT + 2;
+        let id = |i: usize| {
+            let mut bytes = [9; 16];
+            bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            MigrationId::from_random_bytes(bytes)
+        };
+        let payload = replica_checkpoint(MigrationPhaseTag::AddLearner, 0)
+            .verify()
+            .unwrap();
+        for i in 0..total {
+            let at = |phase| MigrationRow::new(id(i), phase, 0, &payload, i as u64);
+            let mut entries = vec![MetadataEntry::from(&at(MigrationPhaseTag::AddLearner))];
+            // The last move stays open: an open move is never forgotten.
+            if i + 1 < total {
+                entries.push(MetadataEntry::from(&at(MigrationPhaseTag::Complete)));
+            }
+            apply_entries(&mut cache, entries, &mut events).unwrap();
+        }
+        let rows = &cache.state().migrations;
+        assert_eq!(cache.state().rejected_total, 0);
+        assert_eq!(rows.len(), COMPLETED_MIGRATIONS_KEPT + 1);
+        assert!(
+            !rows.contains_key(&id(0)),
+            "the oldest completed row is forgotten"
+        );
+        assert!(rows.contains_key(&id(1)));
+        assert_eq!(rows[&id(total - 1)].phase, MigrationPhaseTag::AddLearner);
     }
 
     #[test]

@@ -66,6 +66,9 @@ impl Default for MigrationConfig {
     }
 }
 
+/// How often the coordinator looks at a group whose leadership is moving:
+/// the replica move's write pause is measured to this resolution.
+const TRANSFER_WATCH: Duration = Duration::from_millis(5);
 /// A learner within this many entries of its leader's commit has caught up.
 const CATCH_UP_LAG: u64 = 16;
 /// How often the coordinator looks for gates of migrations that ended.
@@ -490,17 +493,22 @@ impl Executor {
                         )
                         .await?;
                     }
-                    if started.elapsed() > self.config.write_pause_budget {
-                        crate::probe!("migration.pause_budget_exceeded");
-                        return Err(StepError::Refused(format!(
-                            "leadership of group {g} did not reach node {} within the {:?} write-pause budget",
-                            p.target, self.config.write_pause_budget
-                        )));
+                    // Watched closely rather than at the next poll, so that
+                    // the pause is measured at the leadership change itself.
+                    loop {
+                        if started.elapsed() > self.config.write_pause_budget {
+                            crate::probe!("migration.pause_budget_exceeded");
+                            return Err(StepError::Refused(format!(
+                                "leadership of group {g} did not reach node {} within the {:?} write-pause budget",
+                                p.target, self.config.write_pause_budget
+                            )));
+                        }
+                        tokio::time::sleep(TRANSFER_WATCH).await;
+                        let now = self.leader_view(g, &route.voters).await?;
+                        if now.leader == Some(p.target) {
+                            break;
+                        }
                     }
-                    return Err(StepError::Waiting(format!(
-                        "leadership of group {g} moving to node {}",
-                        p.target
-                    )));
                 }
                 if let Some(started) = self.claims.get(&id).and_then(|c| c.transfer_started) {
                     pause_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);

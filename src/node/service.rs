@@ -12,11 +12,12 @@
 use crate::core::cache::fingerprint;
 use crate::core::codec::{self, FrameKind, Wire};
 use crate::core::entry::{BatchEntries, CertFingerprint, MetadataEntry};
-use crate::core::ids::MigrationId;
-use crate::core::ids::{NodeId, VShardId};
+use crate::core::ids::{GroupId, MigrationId, NodeId, VShardId};
 use crate::core::kv::{KvCommand, KvQuery, KvResponse};
 use crate::core::migration::{MigrationCheckpointPayload, MigrationPhaseTag, MigrationRow};
-use crate::core::rebalance::{plan_decommission, plan_rebalance, ClusterView, PlannedMove};
+use crate::core::rebalance::{
+    check_replica_move, plan_decommission, plan_rebalance, ClusterView, PlannedMove,
+};
 use crate::core::token::{JoinToken, JoinTokenTransitionKind};
 use crate::core::topology::TopologyChange;
 use crate::node::join::{admit, Issuer, JoinError, JoinGrant, JoinRequest};
@@ -126,6 +127,8 @@ pub struct ClusterStatus {
     /// Every row of the migration table, finished ones included (they
     /// carry the measured write pause).
     pub migrations: Vec<MigrationSummary>,
+    /// The data group serving each vShard, indexed by vShard id.
+    pub vshard_groups: Vec<GroupId>,
     pub rejected_entries: u64,
     /// This node's own groups: leaders, terms, indexes, failures.
     pub local: NodeStatus,
@@ -135,7 +138,9 @@ pub struct ClusterStatus {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationSummary {
     pub id: String,
-    /// What moves where, in words.
+    /// The move, unless its checkpoint failed its CRC.
+    pub planned: Option<PlannedMove>,
+    /// What moves where, in words (or why the row is unreadable).
     pub what: String,
     pub phase: String,
     pub attempt: u32,
@@ -147,30 +152,32 @@ pub struct MigrationSummary {
 
 impl MigrationSummary {
     pub fn of(row: &MigrationRow) -> Self {
-        let (what, write_pause_us) = match row.verify() {
+        let (planned, write_pause_us) = match row.verify() {
             Ok(MigrationCheckpointPayload::Replica(p)) => (
-                PlannedMove::Replica {
+                Ok(PlannedMove::Replica {
                     group: p.group_id,
                     source: p.source,
                     target: p.target,
-                }
-                .to_string(),
+                }),
                 p.write_pause_us,
             ),
             Ok(MigrationCheckpointPayload::VShard(p)) => (
-                PlannedMove::VShard {
+                Ok(PlannedMove::VShard {
                     vshard: p.vshard_id,
                     from: p.source_group,
                     to: p.target_group,
-                }
-                .to_string(),
+                }),
                 p.write_pause_us,
             ),
-            Err(e) => (format!("unreadable checkpoint: {e}"), None),
+            Err(e) => (Err(e), None),
         };
         MigrationSummary {
             id: row.migration_id.to_string(),
-            what,
+            what: match &planned {
+                Ok(planned) => planned.to_string(),
+                Err(e) => format!("unreadable checkpoint: {e}"),
+            },
+            planned: planned.ok(),
             phase: format!("{:?}", row.phase),
             attempt: row.attempt,
             complete: row.phase == MigrationPhaseTag::Complete,
@@ -266,11 +273,7 @@ async fn handle(
                 .map_err(ServiceError::Join)
         }
         ClientRequest::Status => status(node, credentials).await,
-        ClientRequest::Migrate(planned) => match carry_out(node, planned).await {
-            Ok(Some(id)) => Ok(ClientResponse::Migration(id)),
-            Ok(None) => Ok(ClientResponse::Done),
-            Err(e) => Err(step_error(e)),
-        },
+        ClientRequest::Migrate(planned) => migrate(node, planned).await,
         ClientRequest::Decommission {
             node: target,
             dry_run,
@@ -353,6 +356,9 @@ async fn status(
             .values()
             .map(MigrationSummary::of)
             .collect(),
+        vshard_groups: VShardId::all()
+            .map(|v| state.routing.lookup(v).group)
+            .collect(),
         rejected_entries: state.rejected_total,
         local,
     })))
@@ -362,6 +368,29 @@ fn step_error(e: StepError) -> ServiceError {
     match e {
         StepError::Node(e) => ServiceError::Node(e),
         other => ServiceError::BadRequest(other.to_string()),
+    }
+}
+
+/// Starts a move asked for by name. A replica move must first pass the
+/// safety check the planners apply (DESIGN.md §5): counted among the voters
+/// that answer now, not just those routing lists, the group keeps a
+/// majority through the joint change and after it.
+async fn migrate(node: &Node, planned: PlannedMove) -> Result<ClientResponse, ServiceError> {
+    if let PlannedMove::Replica {
+        group,
+        source,
+        target,
+    } = planned
+    {
+        let state = node.metadata().await?;
+        let live = live_nodes(node, &state).await;
+        check_replica_move(&ClusterView::new(&state, &live), group, source, target)
+            .map_err(|e| ServiceError::BadRequest(e.to_string()))?;
+    }
+    match carry_out(node, planned).await {
+        Ok(Some(id)) => Ok(ClientResponse::Migration(id)),
+        Ok(None) => Ok(ClientResponse::Done),
+        Err(e) => Err(step_error(e)),
     }
 }
 
