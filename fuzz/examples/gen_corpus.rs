@@ -68,7 +68,6 @@ fn replica_row(phase: MigrationPhaseTag, attempt: u32) -> MigrationRow {
     )
 }
 
-
 /// A log that exercises every entry kind against the applier's bootstrap
 /// cluster (node 1; four data groups): nodes 2..=4 join and become voters,
 /// then DDL, routing, tokens, leases, CA rotation, migrations and batches.
@@ -180,8 +179,14 @@ fn cluster_log() -> Vec<MetadataRecord> {
         remove_ca_fingerprint: Some(keel::core::cache::fingerprint(b"fuzz CA")),
     });
     push(MetadataEntry::SurrogateAlloc { hwm: 1_000 });
-    push(MetadataEntry::from(&replica_row(MigrationPhaseTag::AddLearner, 1)));
-    push(MetadataEntry::from(&replica_row(MigrationPhaseTag::CatchUp, 1)));
+    push(MetadataEntry::from(&replica_row(
+        MigrationPhaseTag::AddLearner,
+        1,
+    )));
+    push(MetadataEntry::from(&replica_row(
+        MigrationPhaseTag::CatchUp,
+        1,
+    )));
     push(MetadataEntry::MigrationAbort {
         migration_id: MigrationId::from_random_bytes([1; 16]),
         reason: "write pause over budget".into(),

@@ -384,10 +384,12 @@ thread_local! {
 /// an uncleanly closed database trusts the allocator state it reads, and
 /// panics on some damaged images instead of failing (the first found:
 /// `fuzz/regressions/sim_disk_recovery/redb-repair-truncated-after-crash`;
-/// see the report in issue 7). Until keel guards its own `Database` opens
-/// against that (or redb stops panicking), crashing on every such image
-/// would stop the fuzzer at the first one and hide anything behind it, so
-/// for *corrupted* images only — never for images the simulator's fault
+/// see the report in issue 7). keel's own opens go through
+/// `keel::io::open_guarded`, which turns a panic while opening into a
+/// "damaged" error, but redb can also panic later, in its integrity check
+/// or a read of a damaged page. Crashing on every such image would stop the
+/// fuzzer at the first one and hide anything behind it, so for *corrupted*
+/// images only — never for images the simulator's fault
 /// model can produce, which must recover — a panic inside redb is counted
 /// as a refusal and its site reported once on stderr. Panics anywhere else
 /// (keel, the disk, this target) still crash, as does every panic when
@@ -456,8 +458,7 @@ fn install_recording_hook() {
 /// persisted; returns group 0's last log index, or why recovery failed.
 fn recover(image: &[u8], seed: u64) -> Result<u64, String> {
     let disk = disk_with(image, seed, DiskFaults::default());
-    let mut db = Database::builder()
-        .create_with_backend(disk.backend())
+    let mut db = keel::io::open_guarded(|| Database::builder().create_with_backend(disk.backend()))
         .map_err(|e| format!("redb does not open: {e}"))?;
     db.check_integrity()
         .map_err(|e| format!("integrity check: {e}"))?;

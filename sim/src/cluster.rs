@@ -22,7 +22,7 @@ use keel::core::rebalance::PlannedMove;
 use keel::core::token::{JoinToken, JoinTokenTransitionKind};
 use keel::core::topology::NodeState;
 use keel::core::topology::TopologyChange;
-use keel::io::{seeded_rng, NodeIo};
+use keel::io::{open_guarded, seeded_rng, NodeIo};
 use keel::node::join::JoinRequest;
 use keel::node::migrate::MigrationConfig;
 use keel::node::rpc::{NodeError, Outcome};
@@ -643,7 +643,9 @@ fn node_main(
                 Ok(bound) => bound,
                 Err(e) => return tracing::error!(%id, error = %e, "cannot bind"),
             };
-            let db = match redb::Database::builder().create_with_backend(disk.backend()) {
+            let db = match open_guarded(|| {
+                redb::Database::builder().create_with_backend(disk.backend())
+            }) {
                 Ok(db) => db,
                 Err(e) => return tracing::error!(%id, error = %e, "cannot open the database"),
             };

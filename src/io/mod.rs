@@ -55,7 +55,54 @@ pub fn seeded_rng(seed: u64) -> ChaCha8Rng {
     ChaCha8Rng::seed_from_u64(seed)
 }
 
+/// Why a node's database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenDbError {
+    #[error(transparent)]
+    Redb(#[from] redb::DatabaseError),
+    #[error("the database is damaged beyond what redb can repair ({0}); remove this node and join a fresh one: its replicas are copied from the others")]
+    Damaged(String),
+}
+
+/// Runs `open`, turning a panic inside it into [`OpenDbError::Damaged`].
+/// redb 4 can panic, rather than fail, while repairing some damaged files
+/// (fuzzing found one: `fuzz/regressions/sim_disk_recovery/`); a node must
+/// say its disk is damaged, not crash half-started.
+pub fn open_guarded(
+    open: impl FnOnce() -> Result<redb::Database, redb::DatabaseError>,
+) -> Result<redb::Database, OpenDbError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)) {
+        Ok(opened) => Ok(opened?),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "redb panicked".to_owned());
+            Err(OpenDbError::Damaged(message))
+        }
+    }
+}
+
 /// Opens (or creates) the node's redb database in a file.
-pub fn open_database(path: &Path) -> Result<redb::Database, redb::DatabaseError> {
-    redb::Database::create(path)
+pub fn open_database(path: &Path) -> Result<redb::Database, OpenDbError> {
+    open_guarded(|| redb::Database::create(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_while_opening_is_a_damaged_database() {
+        let damaged = open_guarded(|| panic!("allocator state out of range"));
+        assert!(
+            matches!(&damaged, Err(OpenDbError::Damaged(m)) if m == "allocator state out of range"),
+            "{damaged:?}"
+        );
+        let opened = open_guarded(|| {
+            redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())
+        });
+        assert!(opened.is_ok());
+    }
 }

@@ -640,7 +640,7 @@ impl Runtime {
     /// Feeds one peer's Raft message to its group, after checking that the
     /// message really comes from the peer that sent the frame.
     fn step(&mut self, from: NodeId, frame: RaftFrame) -> bool {
-        let message = match Message::parse_from_bytes(&frame.message) {
+        let message = match codec::parse_protobuf::<Message>(&frame.message) {
             Ok(message) => message,
             Err(e) => {
                 tracing::warn!(%from, error = %e, "undecodable raft message dropped");

@@ -626,12 +626,12 @@ pub fn conf_change(changes: &[(ConfChangeType, NodeId)]) -> ConfChangeV2 {
 /// The membership change a committed entry carries, if it is one (both
 /// the old single-change and the V2 encodings).
 pub fn conf_change_of(entry: &Entry) -> Result<Option<ConfChangeV2>, protobuf::ProtobufError> {
-    use protobuf::Message as _;
+    use crate::core::codec;
     use raft::prelude::{ConfChange, EntryType};
     match entry.get_entry_type() {
         EntryType::EntryNormal => Ok(None),
         EntryType::EntryConfChange => {
-            let old = ConfChange::parse_from_bytes(entry.get_data())?;
+            let old: ConfChange = codec::parse_protobuf(entry.get_data())?;
             let mut single = ConfChangeSingle::default();
             single.set_change_type(old.get_change_type());
             single.set_node_id(old.get_node_id());
@@ -640,7 +640,7 @@ pub fn conf_change_of(entry: &Entry) -> Result<Option<ConfChangeV2>, protobuf::P
             change.set_context(old.get_context().to_vec().into());
             Ok(Some(change))
         }
-        EntryType::EntryConfChangeV2 => Ok(Some(ConfChangeV2::parse_from_bytes(entry.get_data())?)),
+        EntryType::EntryConfChangeV2 => Ok(Some(codec::parse_protobuf(entry.get_data())?)),
     }
 }
 

@@ -225,7 +225,7 @@ fn decode_entry(group: GroupId, index: u64, bytes: &[u8]) -> Result<Entry, Stora
     let corrupt = |what: String| StorageError::Corrupt { group, what };
     let envelope = codec::open(FrameKind::Row, bytes)
         .map_err(|e| corrupt(format!("log entry {index}: {e}")))?;
-    let entry = Entry::parse_from_bytes(envelope.body)
+    let entry: Entry = codec::parse_protobuf(envelope.body)
         .map_err(|e| corrupt(format!("log entry {index} does not decode: {e}")))?;
     if entry.index != index {
         return Err(corrupt(format!(
