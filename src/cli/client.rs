@@ -41,7 +41,8 @@ async fn call(
     })
 }
 
-/// An admin client of one cluster.
+/// An admin client of one cluster; clones share its connections.
+#[derive(Clone)]
 pub struct AdminClient {
     quic: Arc<QuicClient>,
     dir: ClusterDir,

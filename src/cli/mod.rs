@@ -2,11 +2,12 @@
 //! talks to a cluster goes through [`client::AdminClient`]; errors are one
 //! sentence on stderr and a non-zero exit code.
 
+pub mod bench;
 pub mod client;
 pub mod migrate;
 mod offline;
 pub mod status;
-mod up;
+pub mod up;
 
 use crate::core::codec::hex;
 use crate::core::ids::NodeId;
@@ -41,6 +42,9 @@ enum Command {
         #[command(subcommand)]
         command: NodeCommand,
     },
+    /// Start a fresh local cluster and measure it: throughput and latency
+    /// percentiles, move pauses, failover.
+    Bench(bench::BenchArgs),
     /// Nodes, groups, leaders, routing epoch, migrations and health.
     Status {
         #[command(flatten)]
@@ -213,6 +217,7 @@ pub fn main() -> ExitCode {
 async fn run(command: Command) -> Result<(), String> {
     match command {
         Command::Up(args) => up::up(args).await,
+        Command::Bench(args) => bench::bench(args).await,
         Command::Node {
             command: NodeCommand::Start { config, token },
         } => {

@@ -161,38 +161,112 @@ async fn healthy(dir: &Path, nodes: usize, rf: usize) -> Result<bool, String> {
 }
 
 pub async fn up(args: UpArgs) -> Result<(), String> {
-    let dir = ClusterDir::new(&args.dir);
-    let mut running = Vec::new();
-    let result = start_cluster(&args, &dir, &mut running).await;
-    if result.is_ok() {
-        watch(&dir, &mut running).await;
-        println!("stopping {} nodes", running.len());
-    }
-    for r in &mut running {
-        let _ = r.child.kill();
-        let _ = r.child.wait();
-    }
-    result
+    let mut cluster = LocalCluster::start(&args).await?;
+    let dir = &cluster.dir;
+    let flag = if dir.root() == Path::new(crate::daemon::cluster_dir::DEFAULT_DIR) {
+        String::new()
+    } else {
+        format!(" --dir {}", dir.root().display())
+    };
+    println!(
+        "\nkeel is up: {} nodes on 127.0.0.1, data and logs in {}.\n\
+         Try, from another terminal:\n  keel status{flag}\n  keel kv put{flag} hello world\n  keel kv get{flag} hello\n  keel token issue{flag}   (to join another node)\n\
+         Ctrl-C stops the cluster; `keel up{flag}` restarts it with its data.",
+        cluster.running.len(),
+        dir.root().display()
+    );
+    cluster.watch().await;
+    println!("stopping {} nodes", cluster.running.len());
+    Ok(())
 }
 
-/// Waits for Ctrl-C, reporting any node process that exits meanwhile.
-async fn watch(dir: &ClusterDir, running: &mut [Running]) {
-    let mut reported = std::collections::BTreeSet::new();
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
-        for r in running.iter_mut() {
-            if let Ok(Some(status)) = r.child.try_wait() {
-                if reported.insert(r.node) {
-                    eprintln!(
-                        "node {} exited ({status}); see {}",
-                        r.node,
-                        dir.node_dir(r.node).join("node.log").display()
-                    );
+/// The node processes of a local cluster; dropping it kills them (keel
+/// recovers from crashes by design).
+pub struct LocalCluster {
+    dir: ClusterDir,
+    running: Vec<Running>,
+}
+
+impl LocalCluster {
+    /// Creates the cluster `args` describes, or restarts the one in
+    /// `args.dir`, and waits until it is healthy; prints its status.
+    pub async fn start(args: &UpArgs) -> Result<Self, String> {
+        let mut cluster = LocalCluster {
+            dir: ClusterDir::new(&args.dir),
+            running: Vec::new(),
+        };
+        start_cluster(args, &cluster.dir, &mut cluster.running).await?;
+        Ok(cluster)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.root()
+    }
+
+    /// An admin client of the cluster.
+    pub fn client(&self) -> Result<AdminClient, String> {
+        client(self.dir.root())
+    }
+
+    /// SIGKILLs node `node`'s process.
+    pub fn kill(&mut self, node: u64) -> Result<(), String> {
+        let position = self
+            .running
+            .iter()
+            .position(|r| r.node == node)
+            .ok_or_else(|| format!("node {node} is not running"))?;
+        let mut r = self.running.swap_remove(position);
+        r.child
+            .kill()
+            .map_err(|e| format!("cannot kill node {node}: {e}"))?;
+        let _ = r.child.wait();
+        Ok(())
+    }
+
+    /// Starts node `node` again from its data.
+    pub fn restart(&mut self, node: u64) -> Result<(), String> {
+        self.running.push(spawn_node(&self.dir, node, None)?);
+        Ok(())
+    }
+
+    /// Waits until every node is back, every group has a leader and its
+    /// replicas.
+    pub async fn wait_healthy(&self, rf: usize) -> Result<(), String> {
+        let nodes = self.running.len();
+        wait_for("the cluster becomes healthy", READY_TIMEOUT, || {
+            healthy(self.dir.root(), nodes, rf)
+        })
+        .await
+    }
+
+    /// Waits for Ctrl-C, reporting any node process that exits meanwhile.
+    async fn watch(&mut self) {
+        let mut reported = std::collections::BTreeSet::new();
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            for r in self.running.iter_mut() {
+                if let Ok(Some(status)) = r.child.try_wait() {
+                    if reported.insert(r.node) {
+                        eprintln!(
+                            "node {} exited ({status}); see {}",
+                            r.node,
+                            self.dir.node_dir(r.node).join("node.log").display()
+                        );
+                    }
                 }
             }
+        }
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for r in &mut self.running {
+            let _ = r.child.kill();
+            let _ = r.child.wait();
         }
     }
 }
@@ -265,17 +339,5 @@ async fn start_cluster(
     }))
     .map_err(|e| e.to_string())?;
     print!("{}", status::render(&report));
-    let flag = if dir.root() == Path::new(crate::daemon::cluster_dir::DEFAULT_DIR) {
-        String::new()
-    } else {
-        format!(" --dir {}", dir.root().display())
-    };
-    println!(
-        "\nkeel is up: {} nodes on 127.0.0.1, data and logs in {}.\n\
-         Try, from another terminal:\n  keel status{flag}\n  keel kv put{flag} hello world\n  keel kv get{flag} hello\n  keel token issue{flag}   (to join another node)\n\
-         Ctrl-C stops the cluster; `keel up{flag}` restarts it with its data.",
-        running.len(),
-        dir.root().display()
-    );
     Ok(())
 }

@@ -35,6 +35,9 @@ pub const MAX_TOKEN_TTL_MS: u64 = 24 * 60 * 60 * 1000;
 pub const TOKEN_ID_LEN: usize = 16;
 
 /// How long staging a CA waits for the trust change to reach this node.
+/// The largest DDL payload a client may commit: schema changes are small,
+/// and every node keeps every entry until compaction.
+pub const MAX_DDL_PAYLOAD: usize = 64 * 1024;
 const STAGE_APPLY_WAIT: Duration = Duration::from_secs(10);
 
 /// Who is calling, as the transport authenticated it.
@@ -78,6 +81,10 @@ pub enum ClientRequest {
     /// A read on the built-in key-value state machine; linearizable unless
     /// the caller accepts this node's possibly stale replica.
     Get { key: Vec<u8>, linearizable: bool },
+    /// Commit an opaque catalog DDL entry to group 0 (what a host database
+    /// does for each schema change; `keel bench` measures metadata commits
+    /// with it). Answers once it is committed.
+    Ddl { payload: Vec<u8> },
     /// Remove a node that never finished joining, or a decommissioned one,
     /// from the topology (its id is retired).
     RemoveNode { node: NodeId },
@@ -302,6 +309,17 @@ async fn handle(
                 node.read_stale(vshard, query).await?
             };
             kv_response(&bytes)
+        }
+        ClientRequest::Ddl { payload } => {
+            if payload.len() > MAX_DDL_PAYLOAD {
+                return Err(ServiceError::BadRequest(format!(
+                    "a DDL payload of {} bytes exceeds the {MAX_DDL_PAYLOAD}-byte limit",
+                    payload.len()
+                )));
+            }
+            node.propose_metadata(MetadataEntry::CatalogDdl { payload })
+                .await?;
+            Ok(ClientResponse::Done)
         }
         ClientRequest::RemoveNode { node: id } => {
             let leave = MetadataEntry::TopologyChange(TopologyChange::Leave { node_id: id });
