@@ -24,7 +24,7 @@ use keel::core::topology::NodeState;
 use keel::core::topology::TopologyChange;
 use keel::io::{open_guarded, seeded_rng, NodeIo};
 use keel::node::join::JoinRequest;
-use keel::node::migrate::MigrationConfig;
+use keel::node::migrate::{CrashPoint, MigrationConfig};
 use keel::node::rpc::{NodeError, Outcome};
 use keel::node::service::{serve, Caller, ClientRequest, ClientResponse};
 use keel::node::{start, MachineFactory, Node, NodeConfig};
@@ -77,6 +77,36 @@ struct SimNode {
 /// How long a process supervisor (systemd, say) waits before restarting a
 /// node that stopped itself.
 const SUPERVISOR_RESTART: Duration = Duration::from_secs(1);
+/// How often the chaos loop looks for a coordinator stalled at a crash point.
+const CRASH_POINT_POLL: Duration = Duration::from_millis(5);
+/// Coordinators stalled (and killed) at the crash phase, at most, per run.
+const CRASH_PHASE_KILLS: usize = 3;
+
+/// The swarm's crash points: coordinators that claimed a row in the crash
+/// phase stall there (see [`MigrationConfig::crash_point`]) until the chaos
+/// loop kills them.
+#[derive(Default)]
+struct CrashPoints {
+    left: usize,
+    stalled: Vec<NodeId>,
+}
+
+type SharedCrashPoints = Arc<Mutex<CrashPoints>>;
+
+/// The hook a node's executor calls as it claims a row.
+fn crash_hook(phase: Option<MigrationPhaseTag>, points: &SharedCrashPoints) -> Option<CrashPoint> {
+    let phase = phase?;
+    let points = Arc::clone(points);
+    Some(CrashPoint(Arc::new(move |node, at| {
+        let mut points = lock(&points);
+        if at != phase || points.left == 0 {
+            return false;
+        }
+        points.left -= 1;
+        points.stalled.push(node);
+        true
+    })))
+}
 
 pub struct SimCluster {
     swarm: Swarm,
@@ -89,6 +119,9 @@ pub struct SimCluster {
     net_faults: Arc<Mutex<NetFaults>>,
     trace: Arc<Mutex<Vec<String>>>,
     consumed: TokenConsumptions,
+    crash_points: SharedCrashPoints,
+    /// Nodes killed at a crash point, and when they come back.
+    due_restarts: Vec<(NodeId, Instant)>,
 }
 
 impl SimCluster {
@@ -116,6 +149,10 @@ impl SimCluster {
         let trace = Arc::new(Mutex::new(Vec::new()));
         let mut rng = ChaCha8Rng::seed_from_u64(swarm.seed);
         let net = NetControl::default();
+        let crash_points = Arc::new(Mutex::new(CrashPoints {
+            left: CRASH_PHASE_KILLS,
+            stalled: Vec::new(),
+        }));
         let mut nodes = BTreeMap::new();
         for id in (1..=swarm.nodes).map(n) {
             let disk = SimDisk::new(
@@ -133,15 +170,16 @@ impl SimCluster {
                 .create_node()
                 .name(format!("{id}"))
                 .ip(net::node_ip(id))
-                .init(node_main(
+                .init(node_main(NodeSetup {
                     id,
-                    swarm.clone(),
-                    disk.clone(),
-                    registry.clone(),
-                    Arc::clone(&net_faults),
-                    (start, offset, drift),
-                    node_seed,
-                ))
+                    swarm: swarm.clone(),
+                    disk: disk.clone(),
+                    registry: registry.clone(),
+                    net_faults: Arc::clone(&net_faults),
+                    clock: (start, offset, drift),
+                    seed: node_seed,
+                    crash_point: crash_hook(swarm.crash_phase, &crash_points),
+                }))
                 .build();
             net.register(id, machine.id());
             nodes.insert(
@@ -166,6 +204,8 @@ impl SimCluster {
             net_faults,
             trace,
             consumed: Arc::default(),
+            crash_points,
+            due_restarts: Vec::new(),
         }
     }
 
@@ -338,7 +378,8 @@ impl SimCluster {
                 continue;
             }
             let pause = 1 + self.rng.next_u64() % (2 * self.swarm.fault_interval_ms);
-            sleep(Duration::from_millis(pause)).await;
+            self.sleep_watching_phases(Duration::from_millis(pause))
+                .await;
             self.restart_stopped();
             if self.swarm.kills && self.rng.next_u64() % 3 == 0 {
                 self.kill_coordinator().await;
@@ -372,6 +413,52 @@ impl SimCluster {
             }
             return;
         }
+    }
+
+    /// Sleeps `pause`; meanwhile, if the swarm names a crash phase, kills
+    /// each coordinator that stalled at it (see [`CrashPoints`]) and
+    /// restarts it 0.2–1 s later.
+    async fn sleep_watching_phases(&mut self, pause: Duration) {
+        if self.swarm.crash_phase.is_none() {
+            return sleep(pause).await;
+        }
+        let wake = Instant::now() + pause;
+        while Instant::now() < wake {
+            sleep(CRASH_POINT_POLL.min(wake - Instant::now())).await;
+            let now = Instant::now();
+            let due: Vec<NodeId> = self
+                .due_restarts
+                .iter()
+                .filter(|(_, at)| *at <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            self.due_restarts.retain(|(_, at)| *at > now);
+            for id in due {
+                if !self.nodes[&id].up {
+                    self.restart(id);
+                }
+            }
+            for id in self.kill_stalled() {
+                let back = Duration::from_millis(200 + self.rng.next_u64() % 800);
+                self.due_restarts.push((id, now + back));
+            }
+        }
+    }
+
+    /// Kills every coordinator stalled at a crash point; returns them.
+    fn kill_stalled(&mut self) -> Vec<NodeId> {
+        let stalled = std::mem::take(&mut lock(&self.crash_points).stalled);
+        for &id in &stalled {
+            if let Some(phase) = self.swarm.crash_phase {
+                self.log(format!(
+                    "kill coordinator {id} at its crash point, phase {phase:?}"
+                ));
+            }
+            if self.nodes[&id].up {
+                self.kill(id);
+            }
+        }
+        stalled
     }
 
     /// Migration completeness (DESIGN.md §8): every migration ended
@@ -477,6 +564,10 @@ impl SimCluster {
 
     /// Heals every fault and restarts every node.
     pub fn heal(&mut self) {
+        // No crash points once the chaos is over: a coordinator stalled
+        // after the heal would never be killed, and nothing would resume.
+        lock(&self.crash_points).left = 0;
+        self.kill_stalled();
         *lock(&self.net_faults) = NetFaults::default();
         self.net.heal_all();
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
@@ -620,19 +711,37 @@ fn signed(rng: &mut ChaCha8Rng, bound: u64) -> i64 {
     }
 }
 
-/// The body of a keel node's machine; madsim runs it again on every restart.
-fn node_main(
+/// What a node's machine is made of, fixed across its restarts.
+struct NodeSetup {
     id: NodeId,
     swarm: Swarm,
     disk: SimDisk,
     registry: Registry,
     net_faults: Arc<Mutex<NetFaults>>,
+    /// The simulation's start, and the node's clock offset and drift.
     clock: (Instant, i64, i64),
     seed: u64,
+    crash_point: Option<CrashPoint>,
+}
+
+/// The body of a keel node's machine; madsim runs it again on every restart.
+fn node_main(
+    setup: NodeSetup,
 ) -> impl Fn() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()>>> + Send + Sync + 'static {
+    let NodeSetup {
+        id,
+        swarm,
+        disk,
+        registry,
+        net_faults,
+        clock,
+        seed,
+        crash_point,
+    } = setup;
     let incarnation = Arc::new(AtomicU64::new(0));
     move || {
         let swarm = swarm.clone();
+        let crash_point = crash_point.clone();
         let disk = disk.clone();
         let registry = registry.clone();
         let net_faults = Arc::clone(&net_faults);
@@ -668,6 +777,7 @@ fn node_main(
                 poll: Duration::from_millis(50),
                 phase_timeout: Duration::from_secs(8),
                 ghost_ttl: Duration::from_secs(2),
+                crash_point,
                 ..MigrationConfig::default()
             };
             let bootstrap = (id == n(1)).then(|| Bootstrap {

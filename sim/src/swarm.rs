@@ -4,6 +4,7 @@
 //! far more than one hand-written scenario; the same seed always draws the
 //! same configuration, printed at the start of every run.
 
+use keel::core::migration::MigrationPhaseTag;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
@@ -57,7 +58,25 @@ pub struct Swarm {
     pub clock_drift_ppm: u64,
     /// Raft tick (ms).
     pub tick_ms: u64,
+    /// Kill the migration coordinator whenever a migration reaches this
+    /// phase (a few times per run), so that across a sweep every phase is
+    /// a crash point, however briefly a migration stays in it.
+    pub crash_phase: Option<MigrationPhaseTag>,
 }
+
+/// The phases a migration can be in, and so crash in: all but `Complete`.
+const CRASH_PHASES: [MigrationPhaseTag; 10] = [
+    MigrationPhaseTag::AddLearner,
+    MigrationPhaseTag::CatchUp,
+    MigrationPhaseTag::PromoteLearner,
+    MigrationPhaseTag::LeadershipTransfer,
+    MigrationPhaseTag::Cutover,
+    MigrationPhaseTag::Copy,
+    MigrationPhaseTag::Tail,
+    MigrationPhaseTag::Fence,
+    MigrationPhaseTag::FinalCatchUp,
+    MigrationPhaseTag::Reassign,
+];
 
 fn pick(rng: &mut ChaCha8Rng, low: u64, high: u64) -> u64 {
     low + rng.next_u64() % (high - low + 1)
@@ -95,7 +114,7 @@ impl Swarm {
         let partitions = faulty && chance(&mut rng, 60);
         let pauses = faulty && chance(&mut rng, 30);
         let lossy = chance(&mut rng, 50);
-        Swarm {
+        let mut swarm = Swarm {
             seed,
             nodes,
             data_groups,
@@ -136,7 +155,14 @@ impl Swarm {
             } else {
                 0
             },
+            crash_phase: None,
+        };
+        // Drawn after everything else, for the same reason.
+        if swarm.fault_interval_ms > 0 && swarm.migration_ops > 0 {
+            let phase = pick(&mut rng, 0, CRASH_PHASES.len() as u64 - 1);
+            swarm.crash_phase = Some(CRASH_PHASES[phase as usize]);
         }
+        swarm
     }
 
     /// One line for the start of a run.
@@ -169,5 +195,13 @@ mod tests {
             sizes.insert(s.nodes);
         }
         assert_eq!(sizes.len(), 5, "every cluster size is drawn");
+        let phases: std::collections::BTreeSet<_> = (0..500)
+            .filter_map(|seed| Swarm::from_seed(seed).crash_phase)
+            .collect();
+        assert_eq!(
+            phases.len(),
+            CRASH_PHASES.len(),
+            "every phase is a crash point"
+        );
     }
 }

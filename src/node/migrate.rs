@@ -30,8 +30,22 @@ use crate::node::rpc::{GroupView, NodeError, Outcome};
 use crate::node::Node;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// A test hook (the simulator's crash points): asked as a coordinator claims
+/// a row, with the claiming node and the row's phase. `true` stalls that
+/// coordinator's executor for good, so that the test can kill the node at
+/// exactly that point; the next coordinator must then resume the row.
+#[derive(Clone)]
+pub struct CrashPoint(pub Arc<dyn Fn(NodeId, MigrationPhaseTag) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for CrashPoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CrashPoint(..)")
+    }
+}
 
 /// How migrations run; the defaults suit a real cluster.
 #[derive(Clone, Debug)]
@@ -51,6 +65,8 @@ pub struct MigrationConfig {
     pub ghost_ttl: Duration,
     /// Moves in flight at once, cluster-wide, for decommission.
     pub max_in_flight: usize,
+    /// Never set outside tests.
+    pub crash_point: Option<CrashPoint>,
 }
 
 impl Default for MigrationConfig {
@@ -62,6 +78,7 @@ impl Default for MigrationConfig {
             max_attempts: 10,
             ghost_ttl: Duration::from_secs(600),
             max_in_flight: 2,
+            crash_point: None,
         }
     }
 }
@@ -303,6 +320,11 @@ impl Executor {
                     transfer_started: None,
                 },
             );
+            if let Some(CrashPoint(crash)) = &self.config.crash_point {
+                if crash(self.node.id(), row.phase) {
+                    std::future::pending::<()>().await;
+                }
+            }
         }
         let mut phase = row.phase;
         let mut payload = payload;
