@@ -270,6 +270,40 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
+    /// Byte fields are marked `serde_bytes` for speed; that must not change
+    /// a single encoded byte, or old logs and peers would stop decoding.
+    #[test]
+    fn byte_fields_encode_exactly_as_a_u8_sequence() {
+        #[derive(Serialize, Deserialize)]
+        struct Plain {
+            a: Vec<u8>,
+            b: Option<Vec<u8>>,
+        }
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Bytes {
+            #[serde(with = "serde_bytes")]
+            a: Vec<u8>,
+            #[serde(with = "serde_bytes")]
+            b: Option<Vec<u8>>,
+        }
+        for len in [0usize, 1, 127, 128, 300, 16_384, 70_000] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            for b in [None, Some(data.clone())] {
+                let plain = postcard::to_allocvec(&Plain {
+                    a: data.clone(),
+                    b: b.clone(),
+                })
+                .unwrap();
+                let bytes = Bytes {
+                    a: data.clone(),
+                    b: b.clone(),
+                };
+                assert_eq!(postcard::to_allocvec(&bytes).unwrap(), plain, "len {len}");
+                assert_eq!(postcard::from_bytes::<Bytes>(&plain).unwrap(), bytes);
+            }
+        }
+    }
+
     #[derive(Debug, PartialEq, Serialize, Deserialize)]
     struct Probe {
         id: u64,

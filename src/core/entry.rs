@@ -25,10 +25,12 @@ pub type CertFingerprint = [u8; 32];
 pub enum MetadataEntry {
     /// Opaque host DDL, handed to the host's catalog hook.
     CatalogDdl {
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
     /// Host DDL plus an audit record the host persists.
     CatalogDdlAudited {
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         auth_user_id: u64,
         auth_user_name: String,
@@ -79,6 +81,7 @@ pub enum MetadataEntry {
         migration_id: MigrationId,
         phase: MigrationPhaseTag,
         attempt: u32,
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         crc32c: u32,
         ts_ms: u64,

@@ -42,15 +42,26 @@ pub const MAX_STORE_BYTES: usize = MAX_BODY_LEN - SNAPSHOT_OVERHEAD;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KvCommand {
     /// Sets `key` to `value`; answers the previous value.
-    Put { key: Vec<u8>, value: Vec<u8> },
+    Put {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+    },
     /// Removes `key`; answers the previous value.
-    Delete { key: Vec<u8> },
+    Delete {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
     /// Compare-and-set, handy for linearizability tests: if the key's value is
     /// `expected` (`None`: absent), sets it to `new` (`None`: deletes it) and
     /// answers `Ok`; otherwise changes nothing and answers `CasFailed`.
     Cas {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         expected: Option<Vec<u8>>,
+        #[serde(with = "serde_bytes")]
         new: Option<Vec<u8>>,
     },
 }
@@ -80,7 +91,10 @@ impl KvCommand {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum KvQuery {
     /// The value of `key`; answered with `KvResponse::Value`.
-    Get { key: Vec<u8> },
+    Get {
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
 }
 
 impl Wire for KvQuery {
@@ -102,9 +116,12 @@ pub enum KvResponse {
     /// The compare-and-set succeeded.
     Ok,
     /// The value the key held before a `Put` or `Delete` (`None`: absent).
-    Value(Option<Vec<u8>>),
+    Value(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
     /// The compare-and-set found `current` instead of the expected value.
-    CasFailed { current: Option<Vec<u8>> },
+    CasFailed {
+        #[serde(with = "serde_bytes")]
+        current: Option<Vec<u8>>,
+    },
     /// The command was refused (undecodable, over a limit, or a replay). It
     /// changed nothing, though it consumed its log index.
     Error(String),

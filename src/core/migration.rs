@@ -197,6 +197,7 @@ pub struct MigrationRow {
     pub migration_id: MigrationId,
     pub phase: MigrationPhaseTag,
     pub attempt: u32,
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     pub crc32c: u32,
     pub ts_ms: u64,

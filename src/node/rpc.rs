@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RaftFrame {
     pub group: GroupId,
+    #[serde(with = "serde_bytes")]
     pub message: Vec<u8>,
 }
 
@@ -33,11 +34,13 @@ pub enum Request {
     Propose {
         vshard: VShardId,
         group: Option<GroupId>,
+        #[serde(with = "serde_bytes")]
         command: Vec<u8>,
     },
     /// A linearizable read on a vShard (forwarded to its group's leader).
     Read {
         vshard: VShardId,
+        #[serde(with = "serde_bytes")]
         query: Vec<u8>,
     },
     /// A linearizable read of the metadata state (forwarded to the group-0
@@ -151,12 +154,13 @@ pub enum NodeError {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Committed(Committed),
-    Read(Vec<u8>),
+    Read(#[serde(with = "serde_bytes")] Vec<u8>),
     Metadata(Box<MetadataState>),
     Status(NodeStatus),
     /// A vShard's export and the group index it reflects.
     Export {
         index: u64,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// A snapshot frame was received and stepped.
@@ -185,7 +189,7 @@ pub struct DataRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DataBody {
     /// A command for the group's state machine.
-    Command(Vec<u8>),
+    Command(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A step of a vShard move, applied by the node itself.
     Control(GroupControl),
 }
