@@ -50,8 +50,9 @@ impl std::fmt::Debug for CrashPoint {
 /// How migrations run; the defaults suit a real cluster.
 #[derive(Clone, Debug)]
 pub struct MigrationConfig {
-    /// The longest write pause a move may impose (DESIGN.md §5); a move
-    /// that would exceed it aborts and the source serves again.
+    /// The write pause a move must stay below (DESIGN.md §5); a move whose
+    /// pause reaches it aborts and the source serves again, so a zero budget
+    /// allows no pause at all.
     pub write_pause_budget: Duration,
     /// A phase that waits longer than this for its condition (a learner
     /// catching up, a configuration settling) aborts the move if it still
@@ -518,7 +519,7 @@ impl Executor {
                     // Watched closely rather than at the next poll, so that
                     // the pause is measured at the leadership change itself.
                     loop {
-                        if started.elapsed() > self.config.write_pause_budget {
+                        if started.elapsed() >= self.config.write_pause_budget {
                             crate::probe!("migration.pause_budget_exceeded");
                             return Err(StepError::Refused(format!(
                                 "leadership of group {g} did not reach node {} within the {:?} write-pause budget",
@@ -706,13 +707,13 @@ impl Executor {
     }
 
     /// Aborts (with the fence lifted) a move whose write pause already
-    /// exceeds its budget.
+    /// reached its budget.
     fn check_pause(&self, p: &VShardMovePayload) -> Result<(), StepError> {
         let pause = Duration::from_micros(pause_us(p, self.node.now_ms()));
-        if pause > self.config.write_pause_budget {
+        if pause >= self.config.write_pause_budget {
             crate::probe!("migration.pause_budget_exceeded");
             return Err(StepError::Refused(format!(
-                "vShard {} was fenced for {pause:?}, over the {:?} write-pause budget",
+                "vShard {} was fenced for {pause:?}, reaching the {:?} write-pause budget",
                 p.vshard_id, self.config.write_pause_budget
             )));
         }
