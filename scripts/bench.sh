@@ -16,6 +16,9 @@
 #   --duration/--clients/--ops override these and go to both systems; other
 #   arguments go to `keel bench` only (e.g. --moves 5 --failovers 3).
 #   --all     also run `cargo bench --bench commit` and `--bench core`.
+#   --idle G  instead of all that: the idle cost of a 3-node cluster with G
+#             data groups (CPU share and resident memory of each node over
+#             30 s of no requests, from /proc; Linux only).
 # Results: target/bench/{keel,etcd}.{json,txt} and target/bench/compare.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,10 +27,15 @@ duration=${DURATION:-10s}
 clients=${CLIENTS:-1,16,64,256}
 ops=${OPS:-write,read,meta}
 all=0
+idle=0
 keel_args=()
 while (($#)); do
     case $1 in
         --all) all=1 ;;
+        --idle)
+            [[ $# -ge 2 ]] || { echo "bench.sh: --idle needs a group count" >&2; exit 2; }
+            idle=$2
+            shift ;;
         --duration | --clients | --ops)
             [[ $# -ge 2 ]] || { echo "bench.sh: $1 needs a value" >&2; exit 2; }
             case $1 in
@@ -43,6 +51,42 @@ while (($#)); do
     esac
     shift
 done
+
+# The idle cost: a cluster with `idle` data groups, left alone, sampled from
+# /proc over a 30 s window after a 10 s settle.
+idle_cost() {
+    local groups=$1 dir
+    dir=$(mktemp -d)
+    cargo build --release
+    target/release/keel up --nodes 3 --data-groups "$groups" --dir "$dir/cluster" \
+        --base-port 7501 >"$dir/up.log" 2>&1 &
+    local up=$!
+    trap 'kill -INT '"$up"' 2>/dev/null; wait '"$up"' 2>/dev/null; rm -rf '"$dir" EXIT
+    until grep -q "keel is up" "$dir/up.log"; do
+        kill -0 "$up" 2>/dev/null || { cat "$dir/up.log" >&2; exit 1; }
+        sleep 1
+    done
+    sleep 10
+    local hz window=30 node pid before=() after=()
+    hz=$(getconf CLK_TCK)
+    local pids=()
+    for node in 1 2 3; do pids+=("$(cat "$dir/cluster/node-$node/pid")"); done
+    ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+    for pid in "${pids[@]}"; do before+=("$(ticks "$pid")"); done
+    sleep "$window"
+    for pid in "${pids[@]}"; do after+=("$(ticks "$pid")"); done
+    echo "idle cost: 3 nodes, $groups data groups (RF 3), ${window}s window after a 10s settle"
+    for i in 0 1 2; do
+        pid=${pids[$i]}
+        awk -v n=$((i + 1)) -v d=$((after[i] - before[i])) -v hz="$hz" -v w="$window" \
+            -v rss="$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")" \
+            'BEGIN { printf "node %d: CPU %.1f%% of one core, RSS %.0f MiB\n", n, 100 * d / hz / w, rss / 1024 }'
+    done
+}
+if ((idle > 0)); then
+    idle_cost "$idle"
+    exit 0
+fi
 
 # etcd to measure, and protoc for the etcd-client crate's build script.
 apt_install() {

@@ -11,6 +11,8 @@ use keel::core::rebalance::PlannedMove;
 use keel::core::topology::NodeState;
 use keel::node::migrate::start_move;
 use keel::node::Node;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Keys of `vshard`, found by search (the mapping is crc32c).
@@ -144,6 +146,37 @@ async fn a_replica_moves_off_the_leader_and_its_data_is_deleted() {
         .unwrap()
         .clone();
     let source = route.leader.unwrap();
+    // A writer keeps going through the leadership transfer: a proposal
+    // raft drops meanwhile is retried by the node, never failed.
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let node = c.node(n(3)).clone();
+        let vshard = c
+            .node(n(1))
+            .metadata()
+            .await
+            .unwrap()
+            .routing
+            .vshards_of(group)
+            .next()
+            .unwrap();
+        let key = keys_of(vshard, 1).remove(0);
+        let done = Arc::clone(&done);
+        tokio::spawn(async move {
+            let mut writes = 0u32;
+            while !done.load(Ordering::SeqCst) {
+                let (vshard, command) = put(&key, &format!("w{writes}"));
+                node.propose(vshard, command)
+                    .await
+                    .expect("writes keep succeeding through the move");
+                writes += 1;
+                // Lets time pass: under the simulator, a writer that never
+                // waits on a timer would keep simulated time still.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            writes
+        })
+    };
     let id = start_move(
         c.node(n(2)),
         PlannedMove::Replica {
@@ -157,6 +190,11 @@ async fn a_replica_moves_off_the_leader_and_its_data_is_deleted() {
     finished(c.node(n(1)), id)
         .await
         .expect("the move completes");
+    done.store(true, Ordering::SeqCst);
+    assert!(
+        writer.await.unwrap() > 0,
+        "the writer wrote during the move"
+    );
     let route = c
         .node(n(1))
         .metadata()

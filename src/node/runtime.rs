@@ -442,7 +442,15 @@ impl Runtime {
                     },
                 );
             }
-            Err(EngineError::NotLeader { .. }) | Err(EngineError::UnknownGroup(_)) => {
+            // raft-rs drops a proposal it did not append (a leadership
+            // transfer is under way): nothing was written, so the caller
+            // retries, and a write waits out a replica move's pause.
+            Err(EngineError::NotLeader { .. })
+            | Err(EngineError::UnknownGroup(_))
+            | Err(EngineError::Raft {
+                source: raft::Error::ProposalDropped,
+                ..
+            }) => {
                 let _ = reply.send(Err(self.not_leader(group)));
             }
             Err(e) => {
