@@ -192,30 +192,11 @@ async fn interrupted() -> &'static str {
 async fn run(args: &Args, cluster: &mut EtcdCluster) -> Result<Vec<LoadResult>, String> {
     cluster.wait_healthy().await?;
     let target = Arc::new(EtcdTarget::connect(cluster, args.conns).await?);
-    let mut results = Vec::new();
-    if !args.ops.is_empty() && !args.clients.is_empty() {
-        println!("\n{}", load::header());
-    }
-    for &op in &args.ops {
-        for &clients in &args.clients {
-            let result = load::run(
-                Arc::clone(&target),
-                op,
-                clients,
-                args.duration / 5,
-                args.duration,
-            )
-            .await;
-            println!("{}", load::row(&result));
-            if let Some(e) = &result.first_error {
-                println!("        first error: {e}");
-            }
-            results.push(result);
-            // A member that died mid-run would make every later figure a lie.
-            cluster.check_running()?;
-        }
-    }
-    Ok(results)
+    // A member that died mid-run would make every later figure a lie.
+    load::sweep(target, &args.ops, &args.clients, args.duration, || {
+        cluster.check_running()
+    })
+    .await
 }
 
 /// `etcd --version`'s first line's version, e.g. "3.4.23".

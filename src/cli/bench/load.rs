@@ -87,6 +87,34 @@ pub async fn run<T: Target>(
     })
 }
 
+/// Runs every `op` at every client count in turn, each for `duration`
+/// after a warm-up of a fifth of it, printing a table row as each ends;
+/// `after_each` may stop the sweep (say, the system under test died).
+pub async fn sweep<T: Target>(
+    target: Arc<T>,
+    ops: &[Op],
+    clients: &[usize],
+    duration: Duration,
+    mut after_each: impl FnMut() -> Result<(), String>,
+) -> Result<Vec<LoadResult>, String> {
+    let mut results = Vec::new();
+    if !ops.is_empty() && !clients.is_empty() {
+        println!("\n{}", header());
+    }
+    for &op in ops {
+        for &clients in clients {
+            let result = run(Arc::clone(&target), op, clients, duration / 5, duration).await;
+            println!("{}", row(&result));
+            if let Some(e) = &result.first_error {
+                println!("        first error: {e}");
+            }
+            results.push(result);
+            after_each()?;
+        }
+    }
+    Ok(results)
+}
+
 /// Runs `clients` clients doing `op` until `stop` is set; only requests
 /// that start after `warmup` count, and the measured window ends at `stop`.
 pub async fn run_until<T: Target>(

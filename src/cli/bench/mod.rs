@@ -106,26 +106,14 @@ async fn run(args: &BenchArgs, up: &UpArgs) -> Result<BenchReport, String> {
         ..BenchReport::default()
     };
     let target = Arc::new(KeelTarget::new(&cluster)?);
-    if !args.ops.is_empty() && !args.clients.is_empty() {
-        println!("\n{}", load::header());
-    }
-    for &op in &args.ops {
-        for &clients in &args.clients {
-            let result = load::run(
-                Arc::clone(&target),
-                op,
-                clients,
-                args.duration / 5,
-                args.duration,
-            )
-            .await;
-            println!("{}", load::row(&result));
-            if let Some(e) = &result.first_error {
-                println!("        first error: {e}");
-            }
-            report.load.push(result);
-        }
-    }
+    report.load = load::sweep(
+        Arc::clone(&target),
+        &args.ops,
+        &args.clients,
+        args.duration,
+        || Ok(()),
+    )
+    .await?;
     if args.moves > 0 {
         report.moves = Some(moves::time_moves(&cluster, &target, args.moves).await?);
     }
