@@ -16,7 +16,7 @@
 use crate::core::hlc::Hlc;
 use crate::core::ids::{DescriptorId, NodeId};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A node's lease on one version of a descriptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -70,11 +70,48 @@ pub enum LeaseError {
     NoSuchDrain { descriptor_id: DescriptorId },
 }
 
+/// A lease's key: descriptor, version, holder.
+type LeaseKey = (DescriptorId, u64, NodeId);
+
 /// The replicated lease map and the drains, in deterministic (key) order.
+///
+/// An index of the leases by expiry makes pruning cost what it removes, not
+/// the size of the table (every grant prunes first). The index is derived:
+/// it is not encoded, so a snapshot holds exactly the leases and drains,
+/// and decoding rebuilds it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StoredLeaseTable", into = "StoredLeaseTable")]
 pub struct LeaseTable {
-    leases: BTreeMap<(DescriptorId, u64, NodeId), Hlc>,
+    leases: BTreeMap<LeaseKey, Hlc>,
+    by_expiry: BTreeSet<(Hlc, LeaseKey)>,
     drains: BTreeMap<DescriptorId, Drain>,
+}
+
+/// What a [`LeaseTable`] encodes as.
+#[derive(Serialize, Deserialize)]
+struct StoredLeaseTable {
+    leases: BTreeMap<LeaseKey, Hlc>,
+    drains: BTreeMap<DescriptorId, Drain>,
+}
+
+impl From<StoredLeaseTable> for LeaseTable {
+    fn from(stored: StoredLeaseTable) -> Self {
+        let by_expiry = stored.leases.iter().map(|(&k, &at)| (at, k)).collect();
+        LeaseTable {
+            leases: stored.leases,
+            by_expiry,
+            drains: stored.drains,
+        }
+    }
+}
+
+impl From<LeaseTable> for StoredLeaseTable {
+    fn from(table: LeaseTable) -> Self {
+        StoredLeaseTable {
+            leases: table.leases,
+            drains: table.drains,
+        }
+    }
 }
 
 impl LeaseTable {
@@ -110,11 +147,11 @@ impl LeaseTable {
                 });
             }
         }
-        let expires_at = self
-            .leases
-            .entry((lease.descriptor_id, lease.version, lease.node_id))
-            .or_insert(lease.expires_at);
+        let key = (lease.descriptor_id, lease.version, lease.node_id);
+        let expires_at = self.leases.entry(key).or_insert(lease.expires_at);
+        self.by_expiry.remove(&(*expires_at, key));
         *expires_at = (*expires_at).max(lease.expires_at);
+        self.by_expiry.insert((*expires_at, key));
         Ok(())
     }
 
@@ -122,11 +159,19 @@ impl LeaseTable {
     /// and returns how many were dropped. Releasing what is not held is not an
     /// error: a release may be retried or race with expiry.
     pub fn release(&mut self, node_id: NodeId, descriptor_ids: &[DescriptorId]) -> usize {
-        let before = self.leases.len();
-        self.leases.retain(|(descriptor_id, _, holder), _| {
-            *holder != node_id || !descriptor_ids.contains(descriptor_id)
-        });
-        before - self.leases.len()
+        let held: Vec<(LeaseKey, Hlc)> = self
+            .leases
+            .iter()
+            .filter(|((descriptor_id, _, holder), _)| {
+                *holder == node_id && descriptor_ids.contains(descriptor_id)
+            })
+            .map(|(&key, &at)| (key, at))
+            .collect();
+        for (key, at) in &held {
+            self.leases.remove(key);
+            self.by_expiry.remove(&(*at, *key));
+        }
+        held.len()
     }
 
     /// Starts a drain, replacing any drain already recorded on the
@@ -196,10 +241,18 @@ impl LeaseTable {
     /// removed. The applier calls it with log time, so every replica prunes
     /// identically.
     pub fn prune_expired(&mut self, now: Hlc) -> usize {
-        let before = self.leases.len() + self.drains.len();
-        self.leases.retain(|_, expires_at| *expires_at > now);
+        let mut pruned = 0;
+        while let Some(&(at, key)) = self.by_expiry.first() {
+            if at > now {
+                break;
+            }
+            self.by_expiry.pop_first();
+            self.leases.remove(&key);
+            pruned += 1;
+        }
+        let drains = self.drains.len();
         self.drains.retain(|_, drain| drain.expires_at > now);
-        before - self.leases.len() - self.drains.len()
+        pruned + drains - self.drains.len()
     }
 
     /// Every recorded lease (expired ones too, until pruned), in key order.
@@ -566,6 +619,9 @@ mod tests {
                 if result.is_err() {
                     prop_assert_eq!(&table, &before);
                 }
+                // The expiry index is exactly what the leases derive.
+                let rebuilt = LeaseTable::from(StoredLeaseTable::from(table.clone()));
+                prop_assert_eq!(&rebuilt, &table);
                 for id in 0..3 {
                     let expected = model.get(&id).filter(|d| d.expires_at > now);
                     prop_assert_eq!(table.active_drain(DescriptorId(id), now), expected);
