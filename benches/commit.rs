@@ -142,7 +142,14 @@ mod bench {
                     .expect("group is hosted");
             }
             while self.engine.has_work() {
-                let round = self.engine.round().expect("round persists");
+                let mut pending = self.engine.begin_round().expect("round stages");
+                for (to, messages) in std::mem::take(&mut pending.messages) {
+                    outbox.extend(messages.into_iter().map(|m| (to, m)));
+                }
+                for apply in std::mem::take(&mut pending.applies) {
+                    self.apply(apply);
+                }
+                let round = self.engine.finish_round(pending).expect("round persists");
                 for apply in round.applies {
                     self.apply(apply);
                 }

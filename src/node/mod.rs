@@ -9,6 +9,7 @@
 
 mod data_group;
 pub mod join;
+mod liveness;
 pub mod membership;
 pub mod migrate;
 pub mod rpc;

@@ -20,6 +20,7 @@ use crate::core::vshard_gate::{GateRefusal, GroupControl};
 use crate::io::clock::WallClock;
 use crate::io::transport::{Inbound, InboundReceiver, Transport};
 use crate::node::data_group::DataGroup;
+use crate::node::liveness::Liveness;
 use crate::node::membership::{next_change, Wanted};
 use crate::node::rpc::{
     Committed, DataBody, DataRecord, GroupView, NodeError, NodeStatus, Outcome, PeerProgress,
@@ -186,6 +187,8 @@ pub(crate) struct Runtime {
     /// The topology steps this leader proposed and has not seen applied, so
     /// that each tick does not propose them again.
     topology_inflight: Vec<oneshot::Receiver<Result<Committed, NodeError>>>,
+    /// Which peers were heard from lately, for hibernating groups.
+    liveness: Liveness,
 }
 
 /// Why a node could not start.
@@ -216,6 +219,7 @@ impl Runtime {
     ) -> Result<Self, StartError> {
         let me = config.node_id;
         let mut rng = io.rng;
+        let ping_interval = config.tick_interval * config.engine.heartbeat_tick as u32;
         let engine = Engine::new(
             me,
             config.engine.clone(),
@@ -245,6 +249,7 @@ impl Runtime {
             inbound: io.inbound,
             snapshot_reports: mpsc::unbounded_channel(),
             topology_inflight: Vec::new(),
+            liveness: Liveness::new(ping_interval),
         };
         let persisted = runtime.engine.persisted_groups()?;
         if !persisted.is_empty() {
@@ -336,7 +341,7 @@ impl Runtime {
         loop {
             tokio::select! {
                 _ = sleep_until(next_tick) => {
-                    self.engine.tick();
+                    self.tick();
                     self.expire_waiters();
                     self.reconcile();
                     next_tick = Instant::now() + self.jittered_tick();
@@ -374,6 +379,20 @@ impl Runtime {
             }
         }
         tracing::debug!(node = %self.me, "node runtime stopped");
+    }
+
+    /// One Raft tick for every awake group, with pings to peers that were
+    /// sent nothing lately so their sleeping followers stay asleep.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let liveness = &self.liveness;
+        self.engine.tick(|peer| liveness.reachable(peer, now));
+        let peers = self.engine.peers();
+        for peer in self.liveness.pings_due(&peers, now) {
+            self.transport
+                .send(peer, codec::encode(&Request::Raft(Vec::new())));
+            self.liveness.sent_to(peer, now);
+        }
     }
 
     /// The tick interval with up to ±20% seeded jitter: raft-rs's election
@@ -627,7 +646,9 @@ impl Runtime {
     fn on_inbound(&mut self, inbound: Inbound) {
         match inbound {
             Inbound::Frame { from, frame } => match codec::decode::<Request>(&frame) {
+                // Only nodes send one-way Raft frames; an empty one is a ping.
                 Ok(Request::Raft(frames)) => {
+                    self.liveness.heard_from(from, Instant::now());
                     for frame in frames {
                         self.step(from, frame);
                     }
@@ -750,11 +771,27 @@ impl Runtime {
         }
     }
 
-    /// Runs engine rounds until the engine is idle.
+    /// Runs engine rounds until the engine is idle. Each round sends what
+    /// may leave before its write and applies what is already committed and
+    /// durable, then writes; membership reconciliation, which proposes,
+    /// waits until the round is finished (raft-rs forbids proposing between
+    /// a ready and its advance).
     async fn drive(&mut self) -> Result<(), EngineError> {
         self.offer_snapshots();
         while self.engine.has_work() {
-            let round = self.engine.round()?;
+            let mut pending = self.engine.begin_round()?;
+            for (to, messages) in std::mem::take(&mut pending.messages) {
+                self.send(to, messages);
+            }
+            let mut metadata_applied = false;
+            for apply in std::mem::take(&mut pending.applies) {
+                metadata_applied |= self.apply(apply);
+            }
+            for (group, state) in std::mem::take(&mut pending.read_states) {
+                self.on_read_state(group, state);
+            }
+            self.serve_reads();
+            let round = self.engine.finish_round(pending)?;
             if let Some(latency) = &self.storage_latency {
                 let latency = latency.take();
                 if !latency.is_zero() {
@@ -765,12 +802,12 @@ impl Runtime {
                 self.send(to, messages);
             }
             for apply in round.applies {
-                self.apply(apply);
-            }
-            for (group, state) in round.read_states {
-                self.on_read_state(group, state);
+                metadata_applied |= self.apply(apply);
             }
             self.serve_reads();
+            if metadata_applied {
+                self.reconcile();
+            }
             if round
                 .role_changes
                 .iter()
@@ -825,6 +862,7 @@ impl Runtime {
         if !frames.is_empty() {
             self.transport
                 .send(to, codec::encode(&Request::Raft(frames)));
+            self.liveness.sent_to(to, Instant::now());
         }
     }
 
@@ -851,17 +889,19 @@ impl Runtime {
         });
     }
 
-    fn apply(&mut self, apply: GroupApply) {
+    /// Applies a group's committed work; returns whether it was group 0's
+    /// (the caller then reconciles this node with the new metadata).
+    fn apply(&mut self, apply: GroupApply) -> bool {
         let group = apply.group;
         if self.failed.contains_key(&group) {
-            return;
+            return false;
         }
         // A restored snapshot counts as applied up to its index.
         let mut last = None;
         if let Some(snapshot) = &apply.snapshot {
             if let Err(e) = self.restore(group, snapshot) {
                 self.fail_stop(group, e.to_string());
-                return;
+                return false;
             }
             last = Some(snapshot.get_metadata().index);
         }
@@ -875,9 +915,7 @@ impl Runtime {
         if let Some(index) = last {
             let _ = self.engine.advance_apply(group, index);
         }
-        if group.is_metadata() {
-            self.reconcile();
-        }
+        group.is_metadata()
     }
 
     fn fail_stop(&mut self, group: GroupId, cause: String) {
@@ -1075,6 +1113,14 @@ impl Runtime {
                 .conf_state(GroupId::METADATA)
                 .map(|cs| Wanted::from_topology(&state.topology, &cs)),
         )];
+        // A decommissioned (or since removed) node has left every data
+        // group's configuration: decommission finishes only once every
+        // replica has moved off. Its peers may no longer answer it, so it
+        // asks none of them.
+        let retired = state
+            .topology
+            .get(self.me)
+            .is_none_or(|info| info.state == crate::core::topology::NodeState::Decommissioned);
         // Replicas routing no longer lists, with the voters to ask whether
         // the replica has left the group's Raft configuration.
         let removed: Vec<(GroupId, Vec<NodeId>)> = self
@@ -1083,6 +1129,7 @@ impl Runtime {
             .filter(|&g| !g.is_metadata())
             .filter_map(|g| match state.routing.group(g) {
                 Some(route) if route.is_member(self.me) => None,
+                Some(_) if retired => Some((g, Vec::new())),
                 Some(route) => Some((g, route.voters.clone())),
                 None => Some((g, Vec::new())),
             })
@@ -1170,8 +1217,9 @@ impl Runtime {
     /// count towards a quorum. Routing removes a replica only after the
     /// group demoted it, but this replica's own view of the configuration
     /// may lag, so the group's leader is asked (at most once per
-    /// [`DESTROY_CHECK_INTERVAL`]). A group routing no longer knows at all
-    /// has no configuration left to wait for.
+    /// [`DESTROY_CHECK_INTERVAL`]). A group routing no longer knows at all,
+    /// or any group of a retired node, has no configuration left to wait
+    /// for (`voters` is empty).
     fn check_removed(&mut self, group: GroupId, voters: Vec<NodeId>) {
         if voters.is_empty() {
             self.destroy_replica(group);

@@ -1,22 +1,48 @@
 //! The multi-Raft engine: every Raft group this node hosts, driven together.
 //!
 //! One [`Engine`] holds a raft-rs `RawNode` per group. The node runtime feeds
-//! it ticks, incoming messages and proposals, and calls [`Engine::round`],
-//! which collects the `Ready` of every group, persists all of them in **one**
-//! redb write transaction (one fsync for the whole node), and only then hands
-//! back the messages to send (batched per peer) and the committed entries to
-//! apply. Nothing is sent that promises persistence before it is durable.
+//! it ticks, incoming messages and proposals and runs rounds. A round has two
+//! halves, in the order raft-rs's own examples use:
 //!
-//! Commit-index durability: raft-rs reports some commits only after a ready
-//! is advanced (`LightReady::commit_index`). Applying those entries before
-//! their commit index is durable could leave `applied > commit` after a
-//! crash, which raft-rs refuses on restart. So such entries wait for the next
-//! round's write, which persists the commit index first.
+//! 1. [`Engine::begin_round`] collects the `Ready` of every group and stages
+//!    all of it for **one** redb write transaction (one fsync for the whole
+//!    node). It hands back at once what does not wait for that write: the
+//!    messages raft-rs allows to leave before persistence (a leader's appends
+//!    and heartbeats, so followers write in parallel with the leader), the
+//!    committed entries (already durable in this node's log, committed by a
+//!    quorum) and completed read-index requests.
+//! 2. [`Engine::finish_round`] writes, advances every group and returns the
+//!    rest: the messages that promise persistence (votes, append responses),
+//!    snapshots to restore, and the entries that the write itself committed.
+//!
+//! Commit-index durability: a committed entry is applied without waiting
+//! for the commit index to reach disk (raft-rs: "it is not required to save
+//! it to stable storage"). A crash can then leave the stored commit index
+//! below what was applied; that is safe because the restart rebuilds the
+//! state machine from the snapshot and replays the log, and the leader
+//! commits the rest again. The one place the stored commit index must cover
+//! the applied one is a compaction: raft-rs refuses to restart with a
+//! snapshot above the commit index, so a compaction raises it.
 //!
 //! State machines are rebuilt on restart from the group's last snapshot plus
 //! the committed log after it, so the persisted "applied" point of a group is
 //! its snapshot index; [`Engine::compact`] moves it forward and truncates the
 //! log, keeping the log bounded.
+//!
+//! Hibernation: a group with nothing to do stops ticking, so 1024 quiet
+//! groups cost no heartbeats (TiKV's hibernate regions, CockroachDB's
+//! quiescence). A group is *settled* when its log is committed and applied
+//! everywhere it can see: on a leader, every peer has matched the last
+//! index and nothing (transfer, read, membership change) is in flight; on a
+//! follower, it knows a leader whose node is reachable (node-level pings,
+//! [`Engine::peers`]) and has applied the leader's last commit. A group
+//! settled for an election timeout of ticks is asleep: [`Engine::tick`]
+//! skips it. Anything with work wakes it: a proposal, a read, a transfer,
+//! or any message other than a heartbeat (so a restarted peer's pre-vote
+//! wakes a sleeping leader, which then heartbeats it). A follower whose
+//! leader's node goes silent is no longer settled and ticks towards an
+//! election; a sleeping leader that lost its quorum keeps no lease (keel's
+//! reads are read-index reads, confirmed by a quorum each time).
 //!
 //! Determinism: raft-rs draws election timeouts from its own unseeded rng,
 //! so the engine pins the range to a single value
@@ -28,9 +54,9 @@ use crate::raft::logger::raft_logger;
 use crate::raft::storage::{GroupStorage, RaftStore, StorageError, WriteBatch};
 use raft::prelude::{
     ConfChangeSingle, ConfChangeTransition, ConfChangeType, ConfChangeV2, ConfState, Entry,
-    Message, ReadState, Snapshot, SnapshotStatus,
+    Message, MessageType, ReadState, Snapshot, SnapshotStatus,
 };
-use raft::{RawNode, StateRole, Storage};
+use raft::{RawNode, Ready, StateRole, Storage};
 use std::collections::BTreeMap;
 
 /// The index (and term) at which a bootstrapped group's log begins.
@@ -108,26 +134,29 @@ pub struct GroupApply {
     pub entries: Vec<Entry>,
 }
 
-/// The outcome of a round, all of it already durable.
+/// The first half of a round: everything staged for the write, and what
+/// may be used before it (see the module docs).
+pub struct PendingRound {
+    batch: WriteBatch,
+    readies: Vec<(GroupId, Ready)>,
+    /// Messages that may leave before the write, batched per destination.
+    pub messages: BTreeMap<NodeId, Vec<GroupMessage>>,
+    /// Committed entries already durable in this node's log, per group.
+    pub applies: Vec<GroupApply>,
+    /// Completed read-index requests.
+    pub read_states: Vec<(GroupId, ReadState)>,
+}
+
+/// The second half of a round, all of it after the write is durable.
 #[derive(Debug, Default)]
 pub struct Round {
     /// Messages to send, batched per destination node.
     pub messages: BTreeMap<NodeId, Vec<GroupMessage>>,
-    /// Committed work to apply, per group, in commit order.
+    /// Committed work to apply, per group, in commit order (after the
+    /// pending round's applies of the same group).
     pub applies: Vec<GroupApply>,
-    /// Completed read-index requests.
-    pub read_states: Vec<(GroupId, ReadState)>,
     /// Groups whose leader or role changed this round, with the new view.
     pub role_changes: Vec<(GroupId, Option<NodeId>, StateRole)>,
-}
-
-impl Round {
-    pub fn is_empty(&self) -> bool {
-        self.messages.is_empty()
-            && self.applies.is_empty()
-            && self.read_states.is_empty()
-            && self.role_changes.is_empty()
-    }
 }
 
 /// A group's leadership as this node sees it.
@@ -140,14 +169,15 @@ pub struct GroupStatus {
     pub applied: u64,
     pub first_index: u64,
     pub last_index: u64,
+    /// Hibernating: not ticking until something wakes it.
+    pub asleep: bool,
 }
 
 struct Group {
     raw: RawNode<GroupStorage>,
-    /// Entries committed by a `LightReady` whose commit index is not yet durable.
-    deferred: Vec<Entry>,
-    /// The commit index to persist in the next write.
-    deferred_commit: Option<u64>,
+    /// Consecutive ticks the group was settled; asleep from an election
+    /// timeout on (see the module docs).
+    quiet_ticks: usize,
     /// Compaction requested by the runtime: (index, snapshot data).
     compaction: Option<(u64, Vec<u8>)>,
 }
@@ -235,8 +265,7 @@ impl Engine {
             group,
             Group {
                 raw,
-                deferred: Vec::new(),
-                deferred_commit: None,
+                quiet_ticks: 0,
                 compaction: None,
             },
         );
@@ -314,16 +343,56 @@ impl Engine {
         move |source| EngineError::Raft { group, source }
     }
 
-    /// Advances every group's logical clock by one tick.
-    pub fn tick(&mut self) {
-        for group in self.groups.values_mut() {
-            group.raw.tick();
+    /// Advances the logical clock of every group that is awake by one tick
+    /// and puts settled groups to sleep. `reachable` says whether a node was
+    /// heard from lately (any frame or ping): a follower sleeps only while
+    /// its leader's node is.
+    pub fn tick(&mut self, reachable: impl Fn(NodeId) -> bool) {
+        let sleep_after = self.config.election_tick;
+        for g in self.groups.values_mut() {
+            let settled = settled(&g.raw, &reachable);
+            if !settled {
+                g.quiet_ticks = 0;
+            } else if g.quiet_ticks >= sleep_after {
+                continue;
+            } else {
+                g.quiet_ticks += 1;
+                if g.quiet_ticks == sleep_after {
+                    crate::probe!("raft.group_hibernated");
+                }
+            }
+            g.raw.tick();
         }
     }
 
-    /// Feeds a message from a peer into its group.
+    /// A group awake again ticks for at least an election timeout.
+    fn wake(g: &mut Group) {
+        g.quiet_ticks = 0;
+    }
+
+    /// Every other node hosting a replica of a group hosted here: the nodes
+    /// that must hear from this one (a ping when nothing else is sent) for
+    /// their followers to keep sleeping.
+    pub fn peers(&self) -> std::collections::BTreeSet<NodeId> {
+        let mut peers = std::collections::BTreeSet::new();
+        for g in self.groups.values() {
+            let ids = g.raw.raft.prs().iter().map(|(&id, _)| id);
+            peers.extend(ids.filter_map(|id| NodeId::new(id).ok()));
+        }
+        peers.remove(&self.node);
+        peers
+    }
+
+    /// Feeds a message from a peer into its group. Anything but a heartbeat
+    /// (and its answer) wakes the group.
     pub fn step(&mut self, group: GroupId, message: Message) -> Result<(), EngineError> {
         let g = self.group_mut(group)?;
+        if !matches!(
+            message.get_msg_type(),
+            MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
+        ) {
+            Self::wake(g);
+        }
         g.raw.step(message).map_err(Self::raft_err(group))
     }
 
@@ -331,6 +400,7 @@ impl Engine {
     /// election timeout does this).
     pub fn campaign(&mut self, group: GroupId) -> Result<(), EngineError> {
         let g = self.group_mut(group)?;
+        Self::wake(g);
         g.raw.campaign().map_err(Self::raft_err(group))
     }
 
@@ -343,6 +413,7 @@ impl Engine {
         data: Vec<u8>,
     ) -> Result<(), EngineError> {
         let g = self.leader_group_mut(group)?;
+        Self::wake(g);
         g.raw.propose(context, data).map_err(Self::raft_err(group))
     }
 
@@ -355,6 +426,7 @@ impl Engine {
         change: ConfChangeV2,
     ) -> Result<(), EngineError> {
         let g = self.leader_group_mut(group)?;
+        Self::wake(g);
         g.raw
             .propose_conf_change(context, change)
             .map_err(Self::raft_err(group))
@@ -376,6 +448,7 @@ impl Engine {
     /// carrying `context` in a later round.
     pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) -> Result<(), EngineError> {
         let g = self.group_mut(group)?;
+        Self::wake(g);
         g.raw.read_index(context);
         Ok(())
     }
@@ -383,6 +456,7 @@ impl Engine {
     /// Asks the leader of `group` to hand leadership to `to`.
     pub fn transfer_leader(&mut self, group: GroupId, to: NodeId) -> Result<(), EngineError> {
         let g = self.group_mut(group)?;
+        Self::wake(g);
         g.raw.transfer_leader(to.get());
         Ok(())
     }
@@ -487,34 +561,32 @@ impl Engine {
                 applied: raft.raft_log.applied,
                 first_index: g.raw.store().first_index(),
                 last_index: g.raw.store().last_index(),
+                asleep: g.quiet_ticks >= self.config.election_tick,
             }
         })
     }
 
     /// Whether a round would have anything to do.
     pub fn has_work(&self) -> bool {
-        self.groups.values().any(|g| {
-            g.raw.has_ready()
-                || !g.deferred.is_empty()
-                || g.deferred_commit.is_some()
-                || g.compaction.is_some()
-        })
+        self.groups
+            .values()
+            .any(|g| g.raw.has_ready() || g.compaction.is_some())
     }
 
-    /// Runs one round for every group: persist everything in one write, then
-    /// release messages and committed entries.
-    pub fn round(&mut self) -> Result<Round, EngineError> {
-        let mut batch = WriteBatch::default();
-        let mut round = Round::default();
-        let mut readies = Vec::new();
-        // Entries whose commit index this write makes durable.
-        let mut released: BTreeMap<GroupId, Vec<Entry>> = BTreeMap::new();
-
+    /// The first half of a round for every group: collects their readies
+    /// and stages them in one write. The caller may send the pending
+    /// messages, apply the pending entries and serve the read states before
+    /// it calls [`Engine::finish_round`], and must call it before the next
+    /// round (raft-rs persists readies in order).
+    pub fn begin_round(&mut self) -> Result<PendingRound, EngineError> {
+        let mut pending = PendingRound {
+            batch: WriteBatch::default(),
+            readies: Vec::new(),
+            messages: BTreeMap::new(),
+            applies: Vec::new(),
+            read_states: Vec::new(),
+        };
         for (&group, g) in self.groups.iter_mut() {
-            if let Some(commit) = g.deferred_commit.take() {
-                batch.set_commit(g.raw.store(), commit);
-                released.insert(group, std::mem::take(&mut g.deferred));
-            }
             if let Some((index, data)) = g.compaction.take() {
                 // Only an applied index still in the log can become the
                 // snapshot point; an older request was overtaken.
@@ -522,14 +594,57 @@ impl Engine {
                 if index >= store.first_index() && index <= g.raw.raft.raft_log.applied {
                     let term = store.term(index).map_err(Self::raft_err(group))?;
                     let conf_state = g.raw.raft.prs().conf().to_conf_state();
-                    batch.compact(store, index, term, &conf_state, data);
+                    // Applied entries are committed, but their commit index
+                    // may not be on disk yet; the snapshot must not be above it.
+                    let commit = store.hard_state().commit.max(index);
+                    pending.batch.set_commit(store, commit);
+                    pending.batch.compact(store, index, term, &conf_state, data);
                     store.clear_snapshot_wanted();
                 }
             }
             if !g.raw.has_ready() {
                 continue;
             }
-            let ready = g.raw.ready();
+            let mut ready = g.raw.ready();
+            if !ready.snapshot().is_empty() {
+                pending
+                    .batch
+                    .apply_snapshot(g.raw.store(), ready.snapshot());
+            } else {
+                // Committed and (raft-rs only releases such entries) already
+                // in this node's durable log. With a snapshot they wait for
+                // it: it is restored only once it is stored.
+                let committed = ready.take_committed_entries();
+                push_apply(&mut pending.applies, group, None, committed);
+            }
+            if !ready.entries().is_empty() {
+                pending.batch.append(g.raw.store(), ready.entries());
+            }
+            if let Some(hs) = ready.hs() {
+                pending.batch.set_hard_state(g.raw.store(), hs);
+            }
+            pending
+                .read_states
+                .extend(ready.take_read_states().into_iter().map(|rs| (group, rs)));
+            push_messages(&mut pending.messages, group, ready.take_messages());
+            pending.readies.push((group, ready));
+        }
+        Ok(pending)
+    }
+
+    /// The second half of a round: persists what [`Engine::begin_round`]
+    /// staged in one write, advances every group, and returns what waited
+    /// for the write.
+    pub fn finish_round(&mut self, pending: PendingRound) -> Result<Round, EngineError> {
+        let PendingRound { batch, readies, .. } = pending;
+        if !batch.is_empty() {
+            self.store.write(batch)?;
+        }
+        let mut round = Round::default();
+        for (group, mut ready) in readies {
+            let Some(g) = self.groups.get_mut(&group) else {
+                continue;
+            };
             if let Some(ss) = ready.ss() {
                 if ss.raft_state == StateRole::Leader {
                     // For the simulator's election-safety checker: at most
@@ -547,61 +662,46 @@ impl Engine {
                     .push((group, leader_of(ss.leader_id), ss.raft_state));
             }
             if !ready.snapshot().is_empty() {
-                batch.apply_snapshot(g.raw.store(), ready.snapshot());
+                let snapshot = ready.snapshot().clone();
+                let committed = ready.take_committed_entries();
+                push_apply(&mut round.applies, group, Some(snapshot), committed);
             }
-            if !ready.entries().is_empty() {
-                batch.append(g.raw.store(), ready.entries());
-            }
-            if let Some(hs) = ready.hs() {
-                batch.set_hard_state(g.raw.store(), hs);
-            }
-            readies.push((group, ready));
-        }
-
-        if !batch.is_empty() {
-            self.store.write(batch)?;
-        }
-
-        for (group, entries) in released {
-            push_apply(&mut round.applies, group, None, entries);
-        }
-        for (group, mut ready) in readies {
-            let Some(g) = self.groups.get_mut(&group) else {
-                continue;
-            };
-            let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
-            let committed = ready.take_committed_entries();
-            push_apply(&mut round.applies, group, snapshot, committed);
-            round
-                .read_states
-                .extend(ready.take_read_states().into_iter().map(|rs| (group, rs)));
-            let mut messages = ready.take_messages();
-            messages.extend(ready.take_persisted_messages());
+            push_messages(&mut round.messages, group, ready.take_persisted_messages());
             let mut light = g.raw.advance_append(ready);
-            messages.extend(light.take_messages());
-            let newly_committed = light.take_committed_entries();
-            match light.commit_index() {
-                // The commit index moved past what this round persisted:
-                // these entries wait until the next write makes it durable.
-                Some(commit) => {
-                    crate::probe!("raft.commit_deferred_to_next_round");
-                    g.deferred_commit = Some(commit);
-                    g.deferred.extend(newly_committed);
-                }
-                // Committed earlier (durably), only now persisted locally.
-                None => push_apply(&mut round.applies, group, None, newly_committed),
+            if light.commit_index().is_some() {
+                // This node's own write completed a quorum (a single voter,
+                // or followers that acknowledged before the leader's fsync).
+                crate::probe!("raft.committed_by_own_write");
             }
-            for message in messages {
-                if let Ok(to) = NodeId::new(message.to) {
-                    round
-                        .messages
-                        .entry(to)
-                        .or_default()
-                        .push(GroupMessage { group, message });
-                }
-            }
+            push_messages(&mut round.messages, group, light.take_messages());
+            push_apply(
+                &mut round.applies,
+                group,
+                None,
+                light.take_committed_entries(),
+            );
         }
         Ok(round)
+    }
+}
+
+/// Whether a group has nothing to do but wait (see the module docs).
+fn settled(raw: &RawNode<GroupStorage>, reachable: &impl Fn(NodeId) -> bool) -> bool {
+    let raft = &raw.raft;
+    let log = &raft.raft_log;
+    let last = log.last_index();
+    if log.committed != last || log.applied != last || log.persisted != last {
+        return false;
+    }
+    match raft.state {
+        StateRole::Leader => {
+            raft.lead_transferee.is_none()
+                && raft.pending_conf_index <= log.applied
+                && raft.pending_read_count() == 0
+                && raft.prs().iter().all(|(_, p)| p.matched == last)
+        }
+        StateRole::Follower => leader_of(raft.leader_id).is_some_and(reachable),
+        StateRole::Candidate | StateRole::PreCandidate => false,
     }
 }
 
@@ -662,5 +762,21 @@ fn push_apply(
             snapshot,
             entries,
         }),
+    }
+}
+
+/// Queues `group`'s messages by destination.
+fn push_messages(
+    queue: &mut BTreeMap<NodeId, Vec<GroupMessage>>,
+    group: GroupId,
+    messages: Vec<Message>,
+) {
+    for message in messages {
+        if let Ok(to) = NodeId::new(message.to) {
+            queue
+                .entry(to)
+                .or_default()
+                .push(GroupMessage { group, message });
+        }
     }
 }
