@@ -26,7 +26,9 @@ pub(crate) struct Liveness {
 impl Liveness {
     /// Pings go out every `ping_interval` (a Raft heartbeat interval); a
     /// peer is reachable while one of its last two pings, with a margin of
-    /// half an interval for scheduling, has arrived.
+    /// half an interval for scheduling, has arrived. The window is thus
+    /// longer than the engine's `silence_ticks` (two heartbeat intervals),
+    /// which a follower woken by it counts as already elapsed.
     pub(crate) fn new(ping_interval: Duration) -> Self {
         Liveness {
             window: ping_interval * 2 + ping_interval / 2,

@@ -346,14 +346,24 @@ impl Engine {
     /// Advances the logical clock of every group that is awake by one tick
     /// and puts settled groups to sleep. `reachable` says whether a node was
     /// heard from lately (any frame or ping): a follower sleeps only while
-    /// its leader's node is.
+    /// its leader's node is. The caller calls a node unreachable once it has
+    /// been silent for at least [`Engine::silence_ticks`] ticks; a follower
+    /// woken that way counts that silence towards its election timeout, so
+    /// a sleeping group fails over about as fast as an awake one.
     pub fn tick(&mut self, reachable: impl Fn(NodeId) -> bool) {
         let sleep_after = self.config.election_tick;
+        let silence = self.silence_ticks();
         for g in self.groups.values_mut() {
-            let settled = settled(&g.raw, &reachable);
-            if !settled {
+            let asleep = g.quiet_ticks >= sleep_after;
+            if !settled(&g.raw, &reachable) {
+                if asleep && leader_of(g.raw.raft.leader_id).is_some_and(|l| !reachable(l)) {
+                    crate::probe!("raft.woken_by_silent_leader");
+                    for _ in 0..silence {
+                        g.raw.tick();
+                    }
+                }
                 g.quiet_ticks = 0;
-            } else if g.quiet_ticks >= sleep_after {
+            } else if asleep {
                 continue;
             } else {
                 g.quiet_ticks += 1;
@@ -363,6 +373,12 @@ impl Engine {
             }
             g.raw.tick();
         }
+    }
+
+    /// How many ticks of silence make a node unreachable for
+    /// [`Engine::tick`]: two heartbeat intervals.
+    pub fn silence_ticks(&self) -> usize {
+        2 * self.config.heartbeat_tick
     }
 
     /// A group awake again ticks for at least an election timeout.
