@@ -822,9 +822,8 @@ impl Runtime {
 
     /// Hands the engine fresh state-machine snapshots where it wants them.
     fn offer_snapshots(&mut self) {
-        let groups: Vec<GroupId> = self.engine.groups().collect();
-        for group in groups {
-            if !self.engine.wants_compaction(group) || self.failed.contains_key(&group) {
+        for group in self.engine.compaction_candidates() {
+            if self.failed.contains_key(&group) {
                 continue;
             }
             let data = if group.is_metadata() {

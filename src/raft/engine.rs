@@ -187,6 +187,11 @@ pub struct Engine {
     config: EngineConfig,
     store: RaftStore,
     groups: BTreeMap<GroupId, Group>,
+    /// Groups whose applied index moved or that raft-rs may have asked for
+    /// a snapshot since [`Engine::compaction_candidates`] last looked: only
+    /// these can have come to want a compaction, so 1024 quiet groups are
+    /// not scanned after every round.
+    touched: std::collections::BTreeSet<GroupId>,
 }
 
 fn leader_of(id: u64) -> Option<NodeId> {
@@ -200,6 +205,7 @@ impl Engine {
             config,
             store,
             groups: BTreeMap::new(),
+            touched: std::collections::BTreeSet::new(),
         }
     }
 
@@ -402,6 +408,7 @@ impl Engine {
     /// Feeds a message from a peer into its group. Anything but a heartbeat
     /// (and its answer) wakes the group.
     pub fn step(&mut self, group: GroupId, message: Message) -> Result<(), EngineError> {
+        self.touch(group);
         let g = self.group_mut(group)?;
         if !matches!(
             message.get_msg_type(),
@@ -428,6 +435,7 @@ impl Engine {
         context: Vec<u8>,
         data: Vec<u8>,
     ) -> Result<(), EngineError> {
+        self.touch(group);
         let g = self.leader_group_mut(group)?;
         Self::wake(g);
         g.raw.propose(context, data).map_err(Self::raft_err(group))
@@ -441,6 +449,7 @@ impl Engine {
         context: Vec<u8>,
         change: ConfChangeV2,
     ) -> Result<(), EngineError> {
+        self.touch(group);
         let g = self.leader_group_mut(group)?;
         Self::wake(g);
         g.raw
@@ -491,6 +500,7 @@ impl Engine {
         peer: NodeId,
         status: SnapshotStatus,
     ) -> Result<(), EngineError> {
+        self.touch(group);
         self.group_mut(group)?
             .raw
             .report_snapshot(peer.get(), status);
@@ -499,6 +509,7 @@ impl Engine {
 
     /// The runtime applied `group` up to `index`.
     pub fn advance_apply(&mut self, group: GroupId, index: u64) -> Result<(), EngineError> {
+        self.touch(group);
         self.group_mut(group)?.raw.advance_apply_to(index);
         Ok(())
     }
@@ -513,6 +524,20 @@ impl Engine {
             store.snapshot_wanted()
                 || applied.saturating_sub(store.first_index() - 1) >= self.config.compact_threshold
         })
+    }
+
+    fn touch(&mut self, group: GroupId) {
+        self.touched.insert(group);
+    }
+
+    /// The groups that want a compaction ([`Engine::wants_compaction`])
+    /// among those touched since the last call.
+    pub fn compaction_candidates(&mut self) -> Vec<GroupId> {
+        let touched = std::mem::take(&mut self.touched);
+        touched
+            .into_iter()
+            .filter(|&group| self.wants_compaction(group))
+            .collect()
     }
 
     /// Records the state machine's snapshot at `index` (its applied index);
@@ -621,6 +646,7 @@ impl Engine {
             if !g.raw.has_ready() {
                 continue;
             }
+            self.touched.insert(group);
             let mut ready = g.raw.ready();
             if !ready.snapshot().is_empty() {
                 pending

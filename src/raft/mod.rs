@@ -8,3 +8,4 @@ mod logger;
 #[cfg(test)]
 mod cluster_tests;
 pub mod storage;
+mod terms;

@@ -31,6 +31,7 @@
 
 use crate::core::codec::{self, FrameKind, Wire};
 use crate::core::ids::GroupId;
+use crate::raft::terms::Terms;
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState};
@@ -248,7 +249,7 @@ fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
 struct Mirror {
     state: GroupState,
     /// Terms of the entries `first_index()..=last_index()`, in order.
-    terms: Vec<u64>,
+    terms: Terms,
     /// Bumped by every write of the group, so a batch staged against an
     /// older state is refused instead of overwriting newer data.
     version: u64,
@@ -263,9 +264,7 @@ impl Mirror {
     }
 
     fn last_index(&self) -> u64 {
-        self.state
-            .snapshot_index
-            .saturating_add(self.terms.len() as u64)
+        self.state.snapshot_index.saturating_add(self.terms.len())
     }
 
     /// The term of `index` if it is the snapshot point or in the log.
@@ -273,8 +272,7 @@ impl Mirror {
         if index == self.state.snapshot_index {
             return Some(self.state.snapshot_term);
         }
-        let offset = index.checked_sub(self.first_index())?;
-        self.terms.get(usize::try_from(offset).ok()?).copied()
+        self.terms.get(index.checked_sub(self.first_index())?)
     }
 }
 
@@ -597,8 +595,10 @@ impl Staged {
             .collect::<Result<Vec<_>, _>>()?;
         // Raft's conflict rule: the new entries replace everything from `start` on.
         let keep = start - self.next.first_index();
-        self.next.terms.truncate(keep as usize);
-        self.next.terms.extend(entries.iter().map(|e| e.term));
+        self.next.terms.truncate(keep);
+        for entry in entries {
+            self.next.terms.push(entry.term);
+        }
         drop(self.puts.split_off(&start));
         self.puts.extend(sealed);
         Ok(())
@@ -641,7 +641,7 @@ impl Staged {
         let row = encode_row(&SnapshotRow::new(index, term, conf_state, data))
             .map_err(|e| format!("snapshot at index {index} {e}"))?;
         let drop = index - self.next.first_index() + 1;
-        self.next.terms.drain(..drop as usize);
+        self.next.terms.drain_front(drop);
         self.puts = self.puts.split_off(&(index + 1));
         let state = &mut self.next.state;
         state.snapshot_index = index;
