@@ -189,6 +189,8 @@ pub(crate) struct Runtime {
     topology_inflight: Vec<oneshot::Receiver<Result<Committed, NodeError>>>,
     /// Which peers were heard from lately, for hibernating groups.
     liveness: Liveness,
+    /// The metadata applied index the last reconciliation saw.
+    reconciled_metadata: Option<u64>,
 }
 
 /// Why a node could not start.
@@ -250,6 +252,7 @@ impl Runtime {
             snapshot_reports: mpsc::unbounded_channel(),
             topology_inflight: Vec::new(),
             liveness: Liveness::new(ping_interval),
+            reconciled_metadata: None,
         };
         let persisted = runtime.engine.persisted_groups()?;
         if !persisted.is_empty() {
@@ -1133,10 +1136,19 @@ impl Runtime {
                 None => Some((g, Vec::new())),
             })
             .collect();
+        // A sleeping group's configuration, leader and peers' progress are
+        // all still, so only new metadata can give it something to do: with
+        // none since the last pass, it is skipped (1024 quiet groups are not
+        // walked every tick).
+        let fresh = self.reconciled_metadata != Some(cache.applied_index());
+        self.reconciled_metadata = Some(cache.applied_index());
         for (group, route) in state.routing.groups() {
             let member = route.voters.contains(&self.me) || route.learners.contains(&self.me);
             if member && !self.engine.hosts(group) {
                 to_host.push(group);
+            }
+            if !fresh && self.engine.status(group).is_some_and(|s| s.asleep) {
+                continue;
             }
             wanted.push((group, Some(Wanted::from_route(route))));
             if let Some(hint) = route.leader {
