@@ -146,9 +146,6 @@ mod bench {
                 for (to, messages) in std::mem::take(&mut pending.messages) {
                     outbox.extend(messages.into_iter().map(|m| (to, m)));
                 }
-                for apply in std::mem::take(&mut pending.applies) {
-                    self.apply(apply);
-                }
                 let round = self.engine.finish_round(pending).expect("round persists");
                 for apply in round.applies {
                     self.apply(apply);

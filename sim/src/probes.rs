@@ -69,7 +69,7 @@ pub const ALL: &[&str] = &[
     "node.storage_failure_stop",
     "node.wrong_group_followed",
     "placement.replica_added",
-    "raft.committed_by_own_write",
+    "raft.commit_deferred_to_next_round",
     "raft.group_hibernated",
     "raft.snapshot_delivered",
     "raft.snapshot_failed",

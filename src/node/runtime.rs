@@ -775,20 +775,15 @@ impl Runtime {
     }
 
     /// Runs engine rounds until the engine is idle. Each round sends what
-    /// may leave before its write and applies what is already committed and
-    /// durable, then writes; membership reconciliation, which proposes,
-    /// waits until the round is finished (raft-rs forbids proposing between
-    /// a ready and its advance).
+    /// may leave before its write, writes, then sends and applies the rest;
+    /// membership reconciliation runs once per round, after the applies,
+    /// when group 0 applied something.
     async fn drive(&mut self) -> Result<(), EngineError> {
         self.offer_snapshots();
         while self.engine.has_work() {
             let mut pending = self.engine.begin_round()?;
             for (to, messages) in std::mem::take(&mut pending.messages) {
                 self.send(to, messages);
-            }
-            let mut metadata_applied = false;
-            for apply in std::mem::take(&mut pending.applies) {
-                metadata_applied |= self.apply(apply);
             }
             for (group, state) in std::mem::take(&mut pending.read_states) {
                 self.on_read_state(group, state);
@@ -804,6 +799,7 @@ impl Runtime {
             for (to, messages) in round.messages {
                 self.send(to, messages);
             }
+            let mut metadata_applied = false;
             for apply in round.applies {
                 metadata_applied |= self.apply(apply);
             }

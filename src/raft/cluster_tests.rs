@@ -155,13 +155,10 @@ impl Cluster {
             let Some(node) = slot.as_mut() else { continue };
             node.compact();
             while node.engine.has_work() {
-                // As the runtime does: send and apply what the first half
-                // releases before the write, the rest after it.
+                // As the runtime does: send what the first half releases
+                // before the write, the rest after it.
                 let mut pending = node.engine.begin_round().unwrap();
                 let early = std::mem::take(&mut pending.messages);
-                for apply in std::mem::take(&mut pending.applies) {
-                    node.apply(apply);
-                }
                 let round = node.engine.finish_round(pending).unwrap();
                 for apply in round.applies {
                     node.apply(apply);
@@ -505,9 +502,6 @@ fn read_index_completes_on_the_leader() {
         let mut pending = node.engine.begin_round().unwrap();
         let found = pending.read_states.drain(..).find(|(g, _)| *g == G);
         let early = std::mem::take(&mut pending.messages);
-        for apply in std::mem::take(&mut pending.applies) {
-            node.apply(apply);
-        }
         let round = node.engine.finish_round(pending).unwrap();
         for apply in round.applies {
             node.apply(apply);
@@ -526,13 +520,14 @@ fn read_index_completes_on_the_leader() {
     assert!(rs.index >= 2);
 }
 
-/// A single voter commits by its own write, so it applies entries whose
-/// commit index is not on disk yet (raft-rs does not require it to be). A
-/// compaction at such an applied index must still restart: raft-rs refuses
-/// a stored snapshot above the stored commit index, so the compaction
-/// raises it. Fails when the compaction is written without that.
+/// A single voter commits by its own write (`LightReady::commit_index`), so
+/// its entries wait for the next write to make the commit index durable
+/// before they are applied. Compacting at the applied index then never puts
+/// the stored snapshot above the stored commit index (the write would be
+/// refused, and raft-rs would refuse the restart); the node restarts with
+/// everything.
 #[test]
-fn a_compaction_above_the_stored_commit_index_restarts() {
+fn a_single_voter_compacts_and_restarts_with_everything() {
     let config = EngineConfig {
         compact_threshold: 3,
         ..EngineConfig::default()
@@ -549,8 +544,6 @@ fn a_compaction_above_the_stored_commit_index_restarts() {
     );
     c.crash(n(1));
     c.restart(n(1));
-    // Entries past the stored commit index come back once the restarted
-    // voter leads and commits them again.
     c.elect(G);
     for i in 0..8 {
         c.converge(G, &format!("k{i}"), "x");

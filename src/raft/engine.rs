@@ -2,27 +2,26 @@
 //!
 //! One [`Engine`] holds a raft-rs `RawNode` per group. The node runtime feeds
 //! it ticks, incoming messages and proposals and runs rounds. A round has two
-//! halves, in the order raft-rs's own examples use:
+//! halves:
 //!
 //! 1. [`Engine::begin_round`] collects the `Ready` of every group and stages
 //!    all of it for **one** redb write transaction (one fsync for the whole
 //!    node). It hands back at once what does not wait for that write: the
 //!    messages raft-rs allows to leave before persistence (a leader's appends
-//!    and heartbeats, so followers write in parallel with the leader), the
-//!    committed entries (already durable in this node's log, committed by a
-//!    quorum) and completed read-index requests.
+//!    and heartbeats, so followers write in parallel with the leader — the
+//!    Raft thesis §10.2.1 optimization) and completed read-index requests.
 //! 2. [`Engine::finish_round`] writes, advances every group and returns the
-//!    rest: the messages that promise persistence (votes, append responses),
-//!    snapshots to restore, and the entries that the write itself committed.
+//!    rest: the messages that promise persistence (votes, append responses)
+//!    and the committed work to apply.
 //!
-//! Commit-index durability: a committed entry is applied without waiting
-//! for the commit index to reach disk (raft-rs: "it is not required to save
-//! it to stable storage"). A crash can then leave the stored commit index
-//! below what was applied; that is safe because the restart rebuilds the
-//! state machine from the snapshot and replays the log, and the leader
-//! commits the rest again. The one place the stored commit index must cover
-//! the applied one is a compaction: raft-rs refuses to restart with a
-//! snapshot above the commit index, so a compaction raises it.
+//! Commit-index durability (DESIGN.md §11: persist the commit index with or
+//! before applying): entries committed in a `Ready` are applied after the
+//! write that stores that ready's hard state, commit index included. raft-rs
+//! reports some commits only once a ready is advanced
+//! (`LightReady::commit_index`: this node's own write completed a quorum);
+//! those entries wait for the next round's write, which persists the commit
+//! index first. A restart therefore never finds applied entries above the
+//! stored commit index.
 //!
 //! State machines are rebuilt on restart from the group's last snapshot plus
 //! the committed log after it, so the persisted "applied" point of a group is
@@ -139,10 +138,10 @@ pub struct GroupApply {
 pub struct PendingRound {
     batch: WriteBatch,
     readies: Vec<(GroupId, Ready)>,
+    /// Entries whose commit index this round's write makes durable.
+    released: Vec<(GroupId, Vec<Entry>)>,
     /// Messages that may leave before the write, batched per destination.
     pub messages: BTreeMap<NodeId, Vec<GroupMessage>>,
-    /// Committed entries already durable in this node's log, per group.
-    pub applies: Vec<GroupApply>,
     /// Completed read-index requests.
     pub read_states: Vec<(GroupId, ReadState)>,
 }
@@ -152,8 +151,7 @@ pub struct PendingRound {
 pub struct Round {
     /// Messages to send, batched per destination node.
     pub messages: BTreeMap<NodeId, Vec<GroupMessage>>,
-    /// Committed work to apply, per group, in commit order (after the
-    /// pending round's applies of the same group).
+    /// Committed work to apply, per group, in commit order.
     pub applies: Vec<GroupApply>,
     /// Groups whose leader or role changed this round, with the new view.
     pub role_changes: Vec<(GroupId, Option<NodeId>, StateRole)>,
@@ -175,6 +173,10 @@ pub struct GroupStatus {
 
 struct Group {
     raw: RawNode<GroupStorage>,
+    /// Entries committed by a `LightReady` whose commit index is not yet durable.
+    deferred: Vec<Entry>,
+    /// The commit index to persist in the next write.
+    deferred_commit: Option<u64>,
     /// Consecutive ticks the group was settled; asleep from an election
     /// timeout on (see the module docs).
     quiet_ticks: usize,
@@ -271,6 +273,8 @@ impl Engine {
             group,
             Group {
                 raw,
+                deferred: Vec::new(),
+                deferred_commit: None,
                 quiet_ticks: 0,
                 compaction: None,
             },
@@ -611,23 +615,29 @@ impl Engine {
     pub fn has_work(&self) -> bool {
         self.groups
             .values()
-            .any(|g| g.raw.has_ready() || g.compaction.is_some())
+            .any(|g| g.raw.has_ready() || g.compaction.is_some() || g.deferred_commit.is_some())
     }
 
     /// The first half of a round for every group: collects their readies
     /// and stages them in one write. The caller may send the pending
-    /// messages, apply the pending entries and serve the read states before
-    /// it calls [`Engine::finish_round`], and must call it before the next
-    /// round (raft-rs persists readies in order).
+    /// messages and serve the read states before it calls
+    /// [`Engine::finish_round`], and must call it before the next round
+    /// (raft-rs persists readies in order).
     pub fn begin_round(&mut self) -> Result<PendingRound, EngineError> {
         let mut pending = PendingRound {
             batch: WriteBatch::default(),
             readies: Vec::new(),
+            released: Vec::new(),
             messages: BTreeMap::new(),
-            applies: Vec::new(),
             read_states: Vec::new(),
         };
         for (&group, g) in self.groups.iter_mut() {
+            if let Some(commit) = g.deferred_commit.take() {
+                pending.batch.set_commit(g.raw.store(), commit);
+                pending
+                    .released
+                    .push((group, std::mem::take(&mut g.deferred)));
+            }
             if let Some((index, data)) = g.compaction.take() {
                 // Only an applied index still in the log can become the
                 // snapshot point; an older request was overtaken.
@@ -635,10 +645,6 @@ impl Engine {
                 if index >= store.first_index() && index <= g.raw.raft.raft_log.applied {
                     let term = store.term(index).map_err(Self::raft_err(group))?;
                     let conf_state = g.raw.raft.prs().conf().to_conf_state();
-                    // Applied entries are committed, but their commit index
-                    // may not be on disk yet; the snapshot must not be above it.
-                    let commit = store.hard_state().commit.max(index);
-                    pending.batch.set_commit(store, commit);
                     pending.batch.compact(store, index, term, &conf_state, data);
                     store.clear_snapshot_wanted();
                 }
@@ -652,12 +658,6 @@ impl Engine {
                 pending
                     .batch
                     .apply_snapshot(g.raw.store(), ready.snapshot());
-            } else {
-                // Committed and (raft-rs only releases such entries) already
-                // in this node's durable log. With a snapshot they wait for
-                // it: it is restored only once it is stored.
-                let committed = ready.take_committed_entries();
-                push_apply(&mut pending.applies, group, None, committed);
             }
             if !ready.entries().is_empty() {
                 pending.batch.append(g.raw.store(), ready.entries());
@@ -678,11 +678,19 @@ impl Engine {
     /// staged in one write, advances every group, and returns what waited
     /// for the write.
     pub fn finish_round(&mut self, pending: PendingRound) -> Result<Round, EngineError> {
-        let PendingRound { batch, readies, .. } = pending;
+        let PendingRound {
+            batch,
+            readies,
+            released,
+            ..
+        } = pending;
         if !batch.is_empty() {
             self.store.write(batch)?;
         }
         let mut round = Round::default();
+        for (group, entries) in released {
+            push_apply(&mut round.applies, group, None, entries);
+        }
         for (group, mut ready) in readies {
             let Some(g) = self.groups.get_mut(&group) else {
                 continue;
@@ -703,25 +711,26 @@ impl Engine {
                     .role_changes
                     .push((group, leader_of(ss.leader_id), ss.raft_state));
             }
-            if !ready.snapshot().is_empty() {
-                let snapshot = ready.snapshot().clone();
-                let committed = ready.take_committed_entries();
-                push_apply(&mut round.applies, group, Some(snapshot), committed);
-            }
+            let snapshot = (!ready.snapshot().is_empty()).then(|| ready.snapshot().clone());
+            let committed = ready.take_committed_entries();
+            push_apply(&mut round.applies, group, snapshot, committed);
             push_messages(&mut round.messages, group, ready.take_persisted_messages());
             let mut light = g.raw.advance_append(ready);
-            if light.commit_index().is_some() {
-                // This node's own write completed a quorum (a single voter,
-                // or followers that acknowledged before the leader's fsync).
-                crate::probe!("raft.committed_by_own_write");
-            }
             push_messages(&mut round.messages, group, light.take_messages());
-            push_apply(
-                &mut round.applies,
-                group,
-                None,
-                light.take_committed_entries(),
-            );
+            let newly_committed = light.take_committed_entries();
+            match light.commit_index() {
+                // This node's own write completed a quorum (a single voter,
+                // or followers that acknowledged before the leader's fsync),
+                // moving the commit index past what the write persisted:
+                // these entries wait until the next write makes it durable.
+                Some(commit) => {
+                    crate::probe!("raft.commit_deferred_to_next_round");
+                    g.deferred_commit = Some(commit);
+                    g.deferred.extend(newly_committed);
+                }
+                // Committed earlier (durably), only now persisted locally.
+                None => push_apply(&mut round.applies, group, None, newly_committed),
+            }
         }
         Ok(round)
     }
