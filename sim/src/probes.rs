@@ -15,6 +15,7 @@ pub const ALL: &[&str] = &[
     "decommission.finished",
     "decommission.move_started",
     "decommission.waiting_for_safe_move",
+    "io.database_damaged",
     "join.admitted",
     "join.id_taken_retry",
     "join.reverted",

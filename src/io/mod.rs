@@ -64,16 +64,24 @@ pub enum OpenDbError {
     Damaged(String),
 }
 
-/// Runs `open`, turning a panic inside it into [`OpenDbError::Damaged`].
-/// redb 4 can panic, rather than fail, while repairing some damaged files
-/// (fuzzing found one: `fuzz/regressions/sim_disk_recovery/`); a node must
-/// say its disk is damaged, not crash half-started.
+/// Runs `open`, turning a checksum failure or a panic inside it into
+/// [`OpenDbError::Damaged`]. keel commits in two phases (see
+/// `raft::storage`), so a page that fails its checksum at start-up is rot,
+/// not a write the crash tore, and the node must not run on what is left.
+/// redb 4 can also panic, rather than fail, while repairing some damaged
+/// files (fuzzing found one: `fuzz/regressions/sim_disk_recovery/`); a node
+/// must say its disk is damaged, not crash half-started.
 pub fn open_guarded(
     open: impl FnOnce() -> Result<redb::Database, redb::DatabaseError>,
 ) -> Result<redb::Database, OpenDbError> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(open)) {
+        Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(what)))) => {
+            crate::probe!("io.database_damaged");
+            Err(OpenDbError::Damaged(what))
+        }
         Ok(opened) => Ok(opened?),
         Err(panic) => {
+            crate::probe!("io.database_damaged");
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| (*s).to_owned())
@@ -84,9 +92,21 @@ pub fn open_guarded(
     }
 }
 
+/// redb configured as keel runs it: every open verifies the checksum of
+/// every committed page, not only the opens that follow a crash. A plain
+/// open after a clean shutdown trusts the file, so a bit that rotted while
+/// the node was down would be served (or make redb panic) instead of being
+/// reported; simulator seed 257 found a node whose log had lost entries so.
+/// The check reads the whole file once per start.
+pub fn database_builder() -> redb::Builder {
+    let mut builder = redb::Database::builder();
+    builder.set_check_integrity_on_open(true);
+    builder
+}
+
 /// Opens (or creates) the node's redb database in a file.
 pub fn open_database(path: &Path) -> Result<redb::Database, OpenDbError> {
-    open_guarded(|| redb::Database::create(path))
+    open_guarded(|| database_builder().create(path))
 }
 
 #[cfg(test)]
@@ -104,5 +124,25 @@ mod tests {
             redb::Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())
         });
         assert!(opened.is_ok());
+    }
+
+    #[test]
+    fn a_checksum_failure_while_opening_is_a_damaged_database() {
+        let corrupted = || {
+            Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(
+                "Primary is corrupted despite 2-phase commit".into(),
+            )))
+        };
+        let damaged = open_guarded(corrupted);
+        assert!(
+            matches!(&damaged, Err(OpenDbError::Damaged(m)) if m.contains("2-phase")),
+            "{damaged:?}"
+        );
+        let io = open_guarded(|| {
+            Err(redb::DatabaseError::Storage(redb::StorageError::Io(
+                std::io::Error::other("disk unplugged"),
+            )))
+        });
+        assert!(matches!(io, Err(OpenDbError::Redb(_))), "{io:?}");
     }
 }

@@ -424,24 +424,8 @@ impl RaftStore {
             return Err(StorageError::Conflict { group });
         }
         open.remove(&group);
-        let mut txn = self.db.begin_write().map_err(redb_error)?;
-        let deleted = txn
-            .set_durability(Durability::Immediate)
-            .map_err(redb_error)
-            .and_then(|()| {
-                let mut log = txn.open_table(RAFT_LOG).map_err(redb_error)?;
-                log.retain_in((group.0, 0)..=(group.0, u64::MAX), |_, _| false)
-                    .map_err(redb_error)?;
-                txn.open_table(RAFT_STATE)
-                    .map_err(redb_error)?
-                    .remove(group.0)
-                    .map_err(redb_error)?;
-                txn.open_table(RAFT_SNAPSHOT)
-                    .map_err(redb_error)?
-                    .remove(group.0)
-                    .map_err(redb_error)?;
-                Ok(())
-            });
+        let txn = begin_durable_write(&self.db, Durability::Immediate)?;
+        let deleted = delete_group(&txn, group);
         if let Err(e) = deleted {
             let _ = txn.abort();
             return Err(e);
@@ -486,16 +470,13 @@ impl RaftStore {
             }
             guards.push(guard);
         }
-        let mut txn = self.db.begin_write().map_err(redb_error)?;
         let durability = if crate::planted::planted(crate::planted::Bug::SkipFsync) {
             Durability::None
         } else {
             Durability::Immediate
         };
-        let filled = txn
-            .set_durability(durability)
-            .map_err(redb_error)
-            .and_then(|()| fill(&txn, &staged));
+        let txn = begin_durable_write(&self.db, durability)?;
+        let filled = fill(&txn, &staged);
         if let Err(e) = filled {
             // The original error is the one worth reporting.
             let _ = txn.abort();
@@ -508,6 +489,47 @@ impl RaftStore {
         }
         Ok(())
     }
+}
+
+/// Begins a write transaction that commits with `durability` and in two
+/// phases: the new commit slot and its pages are synced before the god byte
+/// that makes them primary is flipped and synced.
+///
+/// With one phase, a commit slot whose pages fail their checksum at start-up
+/// is taken for a write torn by the crash, and redb quietly falls back to the
+/// previous commit. A bit that rotted in an acknowledged commit would then
+/// erase a vote or appended entries this node had already promised, which
+/// Raft cannot survive. With two phases a torn write can no longer leave a bad
+/// primary behind, so redb reports such a primary as corruption and the node
+/// refuses to start (DESIGN.md §3.3) instead of forgetting. The price is a
+/// second fsync per write; `docs/PERFORMANCE.md` measures it.
+fn begin_durable_write(
+    db: &Database,
+    durability: Durability,
+) -> Result<redb::WriteTransaction, StorageError> {
+    let mut txn = db.begin_write().map_err(redb_error)?;
+    txn.set_two_phase_commit(true);
+    if let Err(e) = txn.set_durability(durability) {
+        let _ = txn.abort();
+        return Err(redb_error(e));
+    }
+    Ok(txn)
+}
+
+/// Deletes every row of `group` in the write transaction.
+fn delete_group(txn: &redb::WriteTransaction, group: GroupId) -> Result<(), StorageError> {
+    let mut log = txn.open_table(RAFT_LOG).map_err(redb_error)?;
+    log.retain_in((group.0, 0)..=(group.0, u64::MAX), |_, _| false)
+        .map_err(redb_error)?;
+    txn.open_table(RAFT_STATE)
+        .map_err(redb_error)?
+        .remove(group.0)
+        .map_err(redb_error)?;
+    txn.open_table(RAFT_SNAPSHOT)
+        .map_err(redb_error)?
+        .remove(group.0)
+        .map_err(redb_error)?;
+    Ok(())
 }
 
 /// Puts every staged group into the write transaction.
@@ -1067,6 +1089,30 @@ mod tests {
 
     fn file_db(path: &Path) -> Arc<Database> {
         Arc::new(Database::create(path).expect("file database"))
+    }
+
+    /// Every write commits in two phases (see [`begin_durable_write`]).
+    /// redb flags a primary committed so in its god byte: byte 9 of the
+    /// file, flag 4.
+    #[test]
+    fn writes_commit_in_two_phases() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft.redb");
+        let db = file_db(&path);
+        let two_phase = || std::fs::read(&path).expect("read the file")[9] & 4 != 0;
+        let one_phase_commit = || db.begin_write().expect("begin").commit().expect("commit");
+        let store = RaftStore::new(Arc::clone(&db));
+        one_phase_commit();
+        assert!(!two_phase(), "a plain redb commit is one phase");
+        let storage = store.open_group(G1, &[1]).expect("open");
+        let mut batch = WriteBatch::default();
+        batch.append(&storage, &[entry(1, 1)]);
+        store.write(batch).expect("write");
+        assert!(two_phase(), "a batch write");
+        drop(storage);
+        one_phase_commit();
+        store.destroy_group(G1).expect("destroy");
+        assert!(two_phase(), "a group's destruction");
     }
 
     fn entry(index: u64, term: u64) -> Entry {
