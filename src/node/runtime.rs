@@ -427,11 +427,20 @@ impl Runtime {
             .and_then(|s| s.leader)
             .or_else(|| {
                 // Not a replica (or no leader known here): routing's hint,
-                // else any voter, which knows its leader.
+                // else a voter, which knows its leader. One heard from
+                // lately comes first: a dead node (one lost with its disk,
+                // say, until it is decommissioned) would swallow every
+                // request sent its way until the request timed out.
                 let route = self.metadata.as_ref()?.state().routing.group(group)?;
+                let now = Instant::now();
+                let live = |node: &NodeId| self.liveness.reachable(*node, now);
+                let others = || route.voters.iter().copied().filter(|&v| v != self.me);
                 route
                     .leader
-                    .or_else(|| route.voters.iter().copied().find(|&v| v != self.me))
+                    .filter(live)
+                    .or_else(|| others().find(live))
+                    .or(route.leader)
+                    .or_else(|| others().next())
             });
         NodeError::NotLeader { group, leader }
     }
