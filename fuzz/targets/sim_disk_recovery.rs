@@ -255,6 +255,7 @@ fn crash_phase(image: &[u8], plan: &Plan) -> (Vec<u8>, u64) {
             keep_unsynced: plan.keep_unsynced,
             io_error_rate: plan.io_error_rate,
             sync_latency_ms: 0,
+            bit_flip_rate: 0.0,
         },
     );
     let mut acked = BASE_LAST;
@@ -458,10 +459,10 @@ fn install_recording_hook() {
 /// persisted; returns group 0's last log index, or why recovery failed.
 fn recover(image: &[u8], seed: u64) -> Result<u64, String> {
     let disk = disk_with(image, seed, DiskFaults::default());
-    let mut db = keel::io::open_guarded(|| Database::builder().create_with_backend(disk.backend()))
-        .map_err(|e| format!("redb does not open: {e}"))?;
-    db.check_integrity()
-        .map_err(|e| format!("integrity check: {e}"))?;
+    // keel's builder verifies every page as it opens.
+    let db =
+        keel::io::open_guarded(|| keel::io::database_builder().create_with_backend(disk.backend()))
+            .map_err(|e| format!("redb does not open: {e}"))?;
     let db = Arc::new(db);
     let store = RaftStore::new(Arc::clone(&db));
     let groups = store.groups().map_err(|e| e.to_string())?;

@@ -22,7 +22,7 @@ use keel::core::rebalance::PlannedMove;
 use keel::core::token::{JoinToken, JoinTokenTransitionKind};
 use keel::core::topology::NodeState;
 use keel::core::topology::TopologyChange;
-use keel::io::{open_guarded, seeded_rng, NodeIo};
+use keel::io::{database_builder, open_guarded, seeded_rng, NodeIo, OpenDbError};
 use keel::node::join::JoinRequest;
 use keel::node::migrate::{CrashPoint, MigrationConfig};
 use keel::node::rpc::{NodeError, Outcome};
@@ -31,7 +31,7 @@ use keel::node::{start, MachineFactory, Node, NodeConfig};
 use madsim::runtime::{Handle, NodeHandle};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,6 +60,10 @@ fn n(id: u64) -> NodeId {
 
 /// The latest handle of each running keel node.
 type Registry = Arc<Mutex<BTreeMap<NodeId, Node>>>;
+
+/// Nodes whose disk redb found damaged at start-up: lost for good, to be
+/// replaced, never restarted (DESIGN.md §3.3).
+type LostNodes = Arc<Mutex<BTreeSet<NodeId>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -122,12 +126,12 @@ pub struct SimCluster {
     crash_points: SharedCrashPoints,
     /// Nodes killed at a crash point, and when they come back.
     due_restarts: Vec<(NodeId, Instant)>,
+    lost: LostNodes,
 }
 
 impl SimCluster {
     fn log(&self, event: String) {
-        let at = self.start.elapsed().as_millis();
-        lock(&self.trace).push(format!("{at:>7} ms  {event}"));
+        log_to(&self.trace, self.start, event);
     }
 
     fn chaos_net_faults(swarm: &Swarm) -> NetFaults {
@@ -153,16 +157,10 @@ impl SimCluster {
             left: CRASH_PHASE_KILLS,
             stalled: Vec::new(),
         }));
+        let lost = LostNodes::default();
         let mut nodes = BTreeMap::new();
         for id in (1..=swarm.nodes).map(n) {
-            let disk = SimDisk::new(
-                rng.next_u64(),
-                DiskFaults {
-                    keep_unsynced: swarm.keep_unsynced,
-                    io_error_rate: 0.0,
-                    sync_latency_ms: swarm.sync_latency_ms,
-                },
-            );
+            let disk = SimDisk::new(rng.next_u64(), disk_faults(&swarm, id, false));
             let offset = signed(&mut rng, swarm.clock_offset_ms);
             let drift = signed(&mut rng, swarm.clock_drift_ppm);
             let node_seed = rng.next_u64();
@@ -179,6 +177,7 @@ impl SimCluster {
                     clock: (start, offset, drift),
                     seed: node_seed,
                     crash_point: crash_hook(swarm.crash_phase, &crash_points),
+                    lost: Arc::clone(&lost),
                 }))
                 .build();
             net.register(id, machine.id());
@@ -206,7 +205,23 @@ impl SimCluster {
             consumed: Arc::default(),
             crash_points,
             due_restarts: Vec::new(),
+            lost,
         }
+    }
+
+    /// Only bit rot damages a disk: every torn write, injected I/O error
+    /// and crash must leave a database redb recovers. A node lost without
+    /// rot means keel's commits are not crash safe.
+    pub fn damage_only_from_rot(&self) -> Result<(), String> {
+        for &id in lock(&self.lost).iter() {
+            if self.nodes[&id].disk.stats().bit_flips == 0 {
+                return Err(format!(
+                    "seed {}: crash safety: {id}'s database was damaged, but its disk never rotted",
+                    self.swarm.seed
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Token single use: no join token was consumed twice.
@@ -227,9 +242,13 @@ impl SimCluster {
     fn up_nodes(&self) -> Vec<NodeId> {
         self.nodes
             .iter()
-            .filter(|(_, s)| s.up && !s.paused)
+            .filter(|(id, s)| s.up && !s.paused && !self.is_lost(**id))
             .map(|(&id, _)| id)
             .collect()
+    }
+
+    fn is_lost(&self, id: NodeId) -> bool {
+        lock(&self.lost).contains(&id)
     }
 
     /// Waits for `check`, polling every 50 ms of simulated time.
@@ -308,12 +327,8 @@ impl SimCluster {
     /// The chaos phase: clients run their operations while faults strike.
     pub async fn chaos(&mut self, history: Arc<Mutex<History>>) {
         *lock(&self.net_faults) = Self::chaos_net_faults(&self.swarm);
-        for state in self.nodes.values() {
-            state.disk.set_faults(DiskFaults {
-                keep_unsynced: self.swarm.keep_unsynced,
-                io_error_rate: self.swarm.io_error_rate,
-                sync_latency_ms: self.swarm.sync_latency_ms,
-            });
+        for (&id, state) in &self.nodes {
+            state.disk.set_faults(disk_faults(&self.swarm, id, true));
         }
         let done = Arc::new(AtomicU64::new(0));
         for client in 0..self.swarm.clients {
@@ -357,6 +372,15 @@ impl SimCluster {
                     Arc::clone(&self.consumed),
                 ));
             }
+        }
+        if self.swarm.rotting_node.is_some() {
+            let machine = self.handle.create_node().name("operator").build();
+            machine.spawn(replace_lost_nodes(
+                self.registry.clone(),
+                Arc::clone(&self.lost),
+                Arc::clone(&self.trace),
+                self.start,
+            ));
         }
         if self.swarm.migration_ops > 0 {
             let machine = self.handle.create_node().name("mover").build();
@@ -484,6 +508,7 @@ impl SimCluster {
             .filter(|(id, s)| {
                 s.up && s.started.elapsed() > SUPERVISOR_RESTART
                     && lock(&self.registry).get(id).is_none()
+                    && !self.is_lost(**id)
             })
             .map(|(&id, _)| id)
             .collect();
@@ -544,14 +569,22 @@ impl SimCluster {
         let state = self.nodes.get_mut(&id).expect("known node");
         self.handle.kill(state.machine.id());
         // Power loss: what was written but not synced is lost or torn.
-        state.disk.crash();
+        let rot = state.disk.crash();
         state.up = false;
         state.paused = false;
         lock(&self.registry).remove(&id);
         self.log(format!("kill {id}"));
+        if let Some(byte) = rot {
+            self.log(format!("bit rot on {id}'s disk, byte {byte}"));
+        }
     }
 
+    /// Restarts a node, unless its disk was found damaged: a lost node stays
+    /// down until it is replaced.
     fn restart(&mut self, id: NodeId) {
+        if self.is_lost(id) {
+            return;
+        }
         let state = self.nodes.get_mut(&id).expect("known node");
         // madsim's restart keeps the node's sockets; a kill first resets
         // them, as a real process restart does.
@@ -573,11 +606,7 @@ impl SimCluster {
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for id in ids {
             let state = self.nodes.get_mut(&id).expect("known node");
-            state.disk.set_faults(DiskFaults {
-                keep_unsynced: self.swarm.keep_unsynced,
-                io_error_rate: 0.0,
-                sync_latency_ms: self.swarm.sync_latency_ms,
-            });
+            state.disk.set_faults(disk_faults(&self.swarm, id, false));
             if state.paused {
                 self.handle.resume(state.machine.id());
                 state.paused = false;
@@ -604,12 +633,17 @@ impl SimCluster {
                 .find(|v| v.get() as u64 % groups + 1 == g)
                 .expect("every group has vShards");
             let key = liveness_key(vshard);
-            self.until(
-                LIVENESS_BOUND,
-                &format!("group {g} accepts a write"),
-                Writable(key.clone()),
-            )
-            .await?;
+            let writable = self
+                .until(
+                    LIVENESS_BOUND,
+                    &format!("group {g} accepts a write"),
+                    Writable(key.clone()),
+                )
+                .await;
+            if let Err(e) = writable {
+                let replicas = self.replica_summary(GroupId(g)).await;
+                return Err(format!("{e}; replicas: {replicas}"));
+            }
         }
         self.log("liveness: every group writable".into());
         Ok(())
@@ -722,6 +756,20 @@ struct NodeSetup {
     clock: (Instant, i64, i64),
     seed: u64,
     crash_point: Option<CrashPoint>,
+    lost: LostNodes,
+}
+
+/// A node's disk faults: none but torn writes and latency outside the chaos
+/// phase; during it, injected I/O errors, and bit rot on the swarm's one
+/// rotting disk.
+fn disk_faults(swarm: &Swarm, id: NodeId, chaos: bool) -> DiskFaults {
+    let rots = chaos && swarm.rotting_node == Some(id.get());
+    DiskFaults {
+        keep_unsynced: swarm.keep_unsynced,
+        io_error_rate: if chaos { swarm.io_error_rate } else { 0.0 },
+        sync_latency_ms: swarm.sync_latency_ms,
+        bit_flip_rate: if rots { swarm.bit_flip_rate } else { 0.0 },
+    }
 }
 
 /// The body of a keel node's machine; madsim runs it again on every restart.
@@ -737,6 +785,7 @@ fn node_main(
         clock,
         seed,
         crash_point,
+        lost,
     } = setup;
     let incarnation = Arc::new(AtomicU64::new(0));
     move || {
@@ -745,6 +794,7 @@ fn node_main(
         let disk = disk.clone();
         let registry = registry.clone();
         let net_faults = Arc::clone(&net_faults);
+        let lost = Arc::clone(&lost);
         let run = incarnation.fetch_add(1, Ordering::SeqCst);
         Box::pin(async move {
             let run_seed = seed ^ run.wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -752,11 +802,14 @@ fn node_main(
                 Ok(bound) => bound,
                 Err(e) => return tracing::error!(%id, error = %e, "cannot bind"),
             };
-            let db = match open_guarded(|| {
-                redb::Database::builder().create_with_backend(disk.backend())
-            }) {
+            let db = match open_guarded(|| database_builder().create_with_backend(disk.backend())) {
                 Ok(db) => db,
-                Err(e) => return tracing::error!(%id, error = %e, "cannot open the database"),
+                Err(e) => {
+                    if matches!(e, OpenDbError::Damaged(_)) {
+                        lock(&lost).insert(id);
+                    }
+                    return tracing::error!(%id, error = %e, "cannot open the database");
+                }
             };
             let io = NodeIo {
                 transport,
@@ -1120,6 +1173,52 @@ async fn migration_loop(swarm: Swarm, registry: Registry, seed: u64) {
     }
 }
 
+/// Appends `event` to the run's trace, stamped with the simulated time since
+/// `start`.
+fn log_to(trace: &Mutex<Vec<String>>, start: Instant, event: String) {
+    let at = start.elapsed().as_millis();
+    lock(trace).push(format!("{at:>7} ms  {event}"));
+}
+
+/// The operator's answer to a node whose disk is damaged (DESIGN.md §3.3):
+/// decommission it, so that its replicas are rebuilt on the other nodes from
+/// their sound copies. Retried until keel accepts it: a decommission waits
+/// for a group-0 leader, and is refused while the other nodes could not take
+/// the lost node's replicas (the lost node then stays, dead, in its groups,
+/// each of which keeps a quorum of sound replicas). A real operator would
+/// also join a fresh machine; the simulator's joiners never start one.
+async fn replace_lost_nodes(
+    registry: Registry,
+    lost: LostNodes,
+    trace: Arc<Mutex<Vec<String>>>,
+    start: Instant,
+) {
+    let mut decommissioned = BTreeSet::new();
+    loop {
+        sleep(Duration::from_secs(1)).await;
+        let pending: Vec<NodeId> = lock(&lost).difference(&decommissioned).copied().collect();
+        for id in pending {
+            let Some(via) = lock(&registry).values().next().cloned() else {
+                continue;
+            };
+            let request = ClientRequest::Decommission {
+                node: id,
+                dry_run: false,
+            };
+            if let Ok(ClientResponse::Plan { moves, .. }) =
+                service_call(&via, Caller::Admin, &request).await
+            {
+                decommissioned.insert(id);
+                let event = format!(
+                    "operator decommissions {id}, lost with its disk: {} moves",
+                    moves.len()
+                );
+                log_to(&trace, start, event);
+            }
+        }
+    }
+}
+
 /// One call to a node's client service, as a CLI or joiner would make it.
 async fn service_call(
     via: &Node,
@@ -1206,11 +1305,11 @@ impl AsyncCheck<()> for Ready {
     }
 }
 
-/// Every node is registered (started after a restart) and answers.
+/// Every node not lost is registered (started after a restart) and answers.
 struct AllRunning;
 impl AsyncCheck<()> for AllRunning {
     async fn check(&mut self, c: &SimCluster) -> Option<()> {
-        for id in c.nodes.keys() {
+        for id in c.nodes.keys().filter(|id| !c.is_lost(**id)) {
             c.node(*id)?.status().await.ok()?;
         }
         Some(())

@@ -37,6 +37,18 @@
 //!   died, the operating system did not).
 //! * **Injected I/O errors.** Each `write` and `sync_data` fails with
 //!   probability [`DiskFaults::io_error_rate`] and then changes nothing.
+//! * **Bit rot.** With probability [`DiskFaults::bit_flip_rate`] a crash also
+//!   flips one seeded bit of the durable image: data at rest that went bad
+//!   while the machine was down, which the restarted node meets when redb
+//!   opens the file and verifies its pages. The bit is drawn from everything
+//!   past the first [`UNCHECKED_HEADER`] bytes: redb's header prefix (magic
+//!   number, god byte, layout) is the one place its format carries no
+//!   checksum, so no checksum could catch a flip there. Everything else —
+//!   commit slots, tree pages, keel's own envelopes inside them, and space
+//!   no commit uses — can rot. Half of the flips strike a sector synced
+//!   since the previous crash: most of the file is space no commit uses, and
+//!   a sweep should meet damaged live data often, not once in a hundred
+//!   seeds.
 //!
 //! Every fault decision comes from ChaCha8 streams seeded from the disk's seed,
 //! so a run replays exactly. I/O errors and crash decisions use separate
@@ -47,7 +59,7 @@
 //! restricts redb to its default `ExclusiveWriter` concurrency mode; one node
 //! owns one disk, so nothing else is needed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -73,6 +85,13 @@ const CRASH_STREAM: u64 = 2;
 /// The random stream that draws sync latencies.
 const LATENCY_STREAM: u64 = 3;
 
+/// The ChaCha stream that decides bit rot.
+const BIT_FLIP_STREAM: u64 = 4;
+
+/// redb's header prefix: magic number, god byte and layout, which no
+/// checksum covers (its commit slots follow, each with its own checksum).
+pub const UNCHECKED_HEADER: u64 = 64;
+
 /// Fault knobs, drawn per seed by the swarm configuration.
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DiskFaults {
@@ -86,6 +105,9 @@ pub struct DiskFaults {
     /// Each `sync_data` takes a seeded 0..=this many milliseconds, which
     /// the node waits out through [`StorageLatency`] (0: instant).
     pub sync_latency_ms: u64,
+    /// Probability that a crash also flips one bit of the durable image past
+    /// [`UNCHECKED_HEADER`] (bit rot while the machine is down).
+    pub bit_flip_rate: f64,
 }
 
 /// Counters over the disk's whole life, for code probes and reports.
@@ -119,6 +141,8 @@ pub struct DiskStats {
     pub injected_errors: u64,
     /// Operations refused because their backend was fenced by a crash.
     pub fenced_ops: u64,
+    /// Bits flipped by bit rot.
+    pub bit_flips: u64,
 }
 
 /// One node's disk. Clone shares it (the supervisor keeps a clone to crash it;
@@ -161,6 +185,10 @@ struct State {
     io_rng: ChaCha8Rng,
     crash_rng: ChaCha8Rng,
     latency_rng: ChaCha8Rng,
+    flip_rng: ChaCha8Rng,
+    /// Sectors synced since the last crash, where bit rot strikes half the
+    /// time (see the module docs).
+    synced: BTreeSet<u64>,
     /// Modelled sync time not yet waited out by the node.
     pending_latency: Duration,
     stats: DiskStats,
@@ -184,6 +212,8 @@ impl SimDisk {
             io_rng: stream(IO_ERROR_STREAM),
             crash_rng: stream(CRASH_STREAM),
             latency_rng: stream(LATENCY_STREAM),
+            flip_rng: stream(BIT_FLIP_STREAM),
+            synced: BTreeSet::new(),
             pending_latency: Duration::ZERO,
             stats: DiskStats::default(),
         };
@@ -208,8 +238,10 @@ impl SimDisk {
     /// length change survives or reverts to the durable length as one seeded
     /// decision (see the module docs). Every backend handed out so far is
     /// fenced, so the dead process's redb cannot write to the disk any more.
-    pub fn crash(&self) {
-        self.lock().crash();
+    /// Returns the offset of the byte in which bit rot flipped a bit, if it
+    /// struck (see [`DiskFaults::bit_flip_rate`]).
+    pub fn crash(&self) -> Option<u64> {
+        self.lock().crash()
     }
 
     /// Simulates the process dying while the machine stays up (SIGKILL): the
@@ -419,10 +451,11 @@ impl State {
     /// Folds the overlay and the visible length into the durable image.
     fn sync(&mut self) {
         let keep_all = self.overlay.keys().copied().collect::<Vec<_>>();
+        self.synced.extend(&keep_all);
         self.settle(true, &keep_all);
     }
 
-    fn crash(&mut self) {
+    fn crash(&mut self) -> Option<u64> {
         self.stats.crashes += 1;
         self.generation += 1;
         let keep = self.faults.keep_unsynced;
@@ -452,6 +485,35 @@ impl State {
         self.stats.sectors_kept += kept.len() as u64;
         self.stats.sectors_lost += lost as u64;
         self.settle(length_kept, &kept);
+        self.rot()
+    }
+
+    /// Bit rot: with [`DiskFaults::bit_flip_rate`], flips one seeded bit of
+    /// the durable image past [`UNCHECKED_HEADER`]; returns its byte offset.
+    fn rot(&mut self) -> Option<u64> {
+        let synced = std::mem::take(&mut self.synced);
+        let len = self.durable.len() as u64;
+        if len <= UNCHECKED_HEADER || draw(&mut self.flip_rng) >= self.faults.bit_flip_rate {
+            return None;
+        }
+        let recent = synced
+            .range(UNCHECKED_HEADER / SECTOR..len.div_ceil(SECTOR))
+            .copied()
+            .collect::<Vec<_>>();
+        let (low, high) = match self.flip_rng.next_u64() % 2 {
+            0 if !recent.is_empty() => {
+                let sector = recent[(self.flip_rng.next_u64() % recent.len() as u64) as usize];
+                (sector * SECTOR, ((sector + 1) * SECTOR).min(len))
+            }
+            _ => (0, len),
+        };
+        let low = low.max(UNCHECKED_HEADER);
+        let offset = low + self.flip_rng.next_u64() % (high - low);
+        let bit = self.flip_rng.next_u64() % 8;
+        // `offset < len`, the length of an in-memory Vec.
+        self.durable[offset as usize] ^= 1 << bit;
+        self.stats.bit_flips += 1;
+        Some(offset)
     }
 
     /// Makes a new durable image: the pending length (and the zeroing of what a
@@ -545,6 +607,7 @@ mod tests {
             keep_unsynced,
             io_error_rate,
             sync_latency_ms: 0,
+            bit_flip_rate: 0.0,
         }
     }
 
@@ -924,7 +987,18 @@ mod tests {
         durability: Durability,
         changes: &[(u64, Option<Vec<u8>>)],
     ) -> Result<(), String> {
+        commit_in_phases(db, durability, false, changes)
+    }
+
+    /// [`commit`], in two phases if `two_phase` (as keel's storage commits).
+    fn commit_in_phases(
+        db: &Database,
+        durability: Durability,
+        two_phase: bool,
+        changes: &[(u64, Option<Vec<u8>>)],
+    ) -> Result<(), String> {
         let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+        txn.set_two_phase_commit(two_phase);
         txn.set_durability(durability).map_err(|e| e.to_string())?;
         {
             let mut table = txn.open_table(TABLE).map_err(|e| e.to_string())?;
@@ -993,6 +1067,141 @@ mod tests {
     #[test]
     fn committed_immediate_writes_survive_torn_crashes() {
         committed_immediate_writes_survive_crashes(0.5);
+    }
+
+    // ---- bit rot ----------------------------------------------------------
+
+    #[test]
+    fn a_crash_with_bit_rot_flips_one_seeded_bit_past_the_header() {
+        let rotted = |seed| {
+            let disk = SimDisk::new(
+                seed,
+                DiskFaults {
+                    bit_flip_rate: 1.0,
+                    ..faults(0.0, 0.0)
+                },
+            );
+            let b = disk.backend();
+            b.write(0, &pattern(8 * SECTOR_SIZE, 3)).unwrap();
+            b.sync_data().unwrap();
+            let at = disk.crash().expect("rot strikes at rate 1");
+            (at, read_all(&disk.backend()))
+        };
+        let before = pattern(8 * SECTOR_SIZE, 3);
+        for seed in 0..50 {
+            let (at, after) = rotted(seed);
+            assert_eq!(rotted(seed), (at, after.clone()), "the seed fixes the flip");
+            assert!((UNCHECKED_HEADER..8 * SECTOR).contains(&at));
+            let diff: Vec<usize> = (0..before.len())
+                .filter(|&i| before[i] != after[i])
+                .collect();
+            assert_eq!(diff, vec![at as usize], "seed {seed}");
+            assert_eq!((before[diff[0]] ^ after[diff[0]]).count_ones(), 1);
+        }
+        let quiet = SimDisk::new(1, faults(0.0, 0.0));
+        quiet.backend().write(0, &before).unwrap();
+        quiet.backend().sync_data().unwrap();
+        assert_eq!(quiet.crash(), None, "no rot at rate 0");
+        assert_eq!(quiet.stats().bit_flips, 0);
+    }
+
+    /// A database of a few durable commits (in two phases if `two_phase`),
+    /// crashed, or closed cleanly unless `crash`: the disk image a restart
+    /// finds, and what it must hold.
+    fn stored_database(two_phase: bool, crash: bool) -> (Vec<u8>, Model) {
+        let disk = SimDisk::new(5, faults(0.0, 0.0));
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let mut model = Model::new();
+        let db = open(&disk, 1 << 20, "create").unwrap();
+        for _ in 0..6 {
+            let changes = random_changes(&mut rng, 8);
+            commit_in_phases(&db, Durability::Immediate, two_phase, &changes).unwrap();
+            model = apply(&model, &changes);
+        }
+        if crash {
+            disk.crash();
+            drop_dead(db, "rot fixture");
+        } else {
+            drop(db);
+        }
+        (read_all(&disk.backend()), model)
+    }
+
+    /// Reopens `image` with one bit of byte `at` flipped: what redb finds,
+    /// opened as keel opens it if `as_keel` (see
+    /// `keel::io::database_builder`), else plainly.
+    fn reopen_rotted(image: &[u8], at: u64, as_keel: bool) -> Result<Model, String> {
+        let disk = SimDisk::new(0, faults(0.0, 0.0));
+        disk.lock().durable = image.to_vec();
+        disk.lock().len = image.len() as u64;
+        disk.lock().floor = image.len() as u64;
+        disk.lock().durable[at as usize] ^= 1 << (at % 8);
+        let db = if as_keel {
+            let backend = disk.backend();
+            catch_unwind(AssertUnwindSafe(|| {
+                keel::io::database_builder().create_with_backend(backend)
+            }))
+            .unwrap_or_else(|_| panic!("redb panicked opening byte {at} rotted as keel does"))
+        } else {
+            open(&disk, 1 << 20, "rotted")
+        };
+        contents(&db.map_err(|e| e.to_string())?)
+    }
+
+    /// Rots one byte in each sector of `image` in turn; returns how many
+    /// reopens failed, and the bytes whose rot served data other than `model`.
+    fn rot_every_sector(image: &[u8], model: &Model, as_keel: bool) -> (usize, Vec<u64>) {
+        let mut caught = 0;
+        let mut served_other = Vec::new();
+        for sector in 0..image.len() as u64 / SECTOR {
+            let at = (sector * SECTOR + sector * 37 % SECTOR).max(UNCHECKED_HEADER);
+            match reopen_rotted(image, at, as_keel) {
+                Ok(found) if found != *model => served_other.push(at),
+                Ok(_) => {}
+                Err(_) => caught += 1,
+            }
+        }
+        (caught, served_other)
+    }
+
+    /// Every sector of a crashed two-phase database, rotted in turn: redb
+    /// either refuses to open it or serves exactly the last commit. This is
+    /// what keel's storage relies on (`raft::storage::begin_durable_write`).
+    #[test]
+    fn rot_in_a_two_phase_database_is_caught_or_harmless() {
+        let (image, model) = stored_database(true, true);
+        let (caught, served_other) = rot_every_sector(&image, &model, false);
+        assert_eq!(
+            served_other,
+            Vec::<u64>::new(),
+            "rot at these bytes served other data"
+        );
+        assert!(caught > 0, "some flips land in live pages");
+    }
+
+    /// After a clean shutdown a plain open trusts the file, so rot goes
+    /// unseen there (simulator seed 257: a log that had lost entries). keel
+    /// opens with every page verified, and catches it.
+    #[test]
+    fn rot_after_a_clean_shutdown_is_caught_by_keels_open() {
+        let (image, model) = stored_database(true, false);
+        let (caught, served_other) = rot_every_sector(&image, &model, true);
+        assert_eq!(
+            served_other,
+            Vec::<u64>::new(),
+            "rot at these bytes served other data"
+        );
+        assert!(caught > 0, "some flips land in live pages");
+    }
+
+    /// The same rot in a one-phase database: redb takes a bad primary for a
+    /// torn write and falls back to the previous commit, so an acknowledged
+    /// commit quietly disappears. This is why keel commits in two phases.
+    #[test]
+    fn rot_in_a_one_phase_database_can_roll_back_a_commit_silently() {
+        let (image, model) = stored_database(false, true);
+        let (_, served_other) = rot_every_sector(&image, &model, false);
+        assert!(!served_other.is_empty());
     }
 
     /// What one seed of the crash sweep saw.

@@ -71,6 +71,7 @@ async fn phases(
     cluster.chaos(Arc::clone(history)).await;
     cluster.heal();
     cluster.liveness().await?;
+    cluster.damage_only_from_rot()?;
     cluster.final_reads(history).await?;
     cluster.tokens_used_once()?;
     cluster.migrations_settled().await?;

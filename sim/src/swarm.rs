@@ -62,6 +62,12 @@ pub struct Swarm {
     /// phase (a few times per run), so that across a sweep every phase is
     /// a crash point, however briefly a migration stays in it.
     pub crash_phase: Option<MigrationPhaseTag>,
+    /// The one node whose disk may rot (at most one per run, so that every
+    /// group keeps a quorum of sound replicas; only with three replicas and
+    /// kills, since rot strikes at a crash), and the chance that each of its
+    /// crashes flips a bit of its durable image.
+    pub rotting_node: Option<u64>,
+    pub bit_flip_rate: f64,
 }
 
 /// The phases a migration can be in, and so crash in: all but `Complete`.
@@ -156,11 +162,17 @@ impl Swarm {
                 0
             },
             crash_phase: None,
+            rotting_node: None,
+            bit_flip_rate: 0.0,
         };
         // Drawn after everything else, for the same reason.
         if swarm.fault_interval_ms > 0 && swarm.migration_ops > 0 {
             let phase = pick(&mut rng, 0, CRASH_PHASES.len() as u64 - 1);
             swarm.crash_phase = Some(CRASH_PHASES[phase as usize]);
+        }
+        if swarm.kills && swarm.replication_factor >= 3 && chance(&mut rng, 80) {
+            swarm.rotting_node = Some(pick(&mut rng, 1, swarm.nodes));
+            swarm.bit_flip_rate = pick(&mut rng, 50, 100) as f64 / 100.0;
         }
         swarm
     }
@@ -203,5 +215,14 @@ mod tests {
             CRASH_PHASES.len(),
             "every phase is a crash point"
         );
+        let rotting: Vec<Swarm> = (0..500)
+            .map(Swarm::from_seed)
+            .filter(|s| s.rotting_node.is_some())
+            .collect();
+        assert!(rotting.len() > 20, "disks rot in some seeds");
+        for s in rotting {
+            assert!(s.kills && s.replication_factor >= 3 && s.bit_flip_rate > 0.0);
+            assert!((1..=s.nodes).contains(&s.rotting_node.unwrap_or(0)));
+        }
     }
 }
