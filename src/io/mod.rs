@@ -60,7 +60,7 @@ pub fn seeded_rng(seed: u64) -> ChaCha8Rng {
 pub enum OpenDbError {
     #[error(transparent)]
     Redb(#[from] redb::DatabaseError),
-    #[error("the database is damaged beyond what redb can repair ({0}); remove this node and join a fresh one: its replicas are copied from the others")]
+    #[error("the database is damaged beyond what redb can repair ({0}); decommission this node from another one (`keel decommission ID`) and join a fresh one in its place: its replicas are rebuilt from the others")]
     Damaged(String),
 }
 

@@ -364,7 +364,7 @@ impl Runtime {
                 }
             }
             // Take whatever else is already waiting before the next round,
-            // so that one fsync covers as much as possible.
+            // so that one commit covers as much as possible.
             while let Ok(command) = self.commands.try_recv() {
                 self.on_command(command);
             }

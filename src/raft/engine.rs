@@ -5,7 +5,7 @@
 //! halves:
 //!
 //! 1. [`Engine::begin_round`] collects the `Ready` of every group and stages
-//!    all of it for **one** redb write transaction (one fsync for the whole
+//!    all of it for **one** redb write transaction (one commit for the whole
 //!    node). It hands back at once what does not wait for that write: the
 //!    messages raft-rs allows to leave before persistence (a leader's appends
 //!    and heartbeats, so followers write in parallel with the leader — the

@@ -2,8 +2,9 @@
 //!
 //! Every Raft group of a node keeps its log, hard state, conf state, applied
 //! index and latest snapshot in the node's single redb database, so that one
-//! engine round persists all groups with **one** write transaction and one
-//! fsync ([`RaftStore::write`] of a [`WriteBatch`]).
+//! engine round persists all groups with **one** write transaction
+//! ([`RaftStore::write`] of a [`WriteBatch`]), committed in two phases (two
+//! fsyncs; see `begin_durable_write` for why).
 //!
 //! Tables:
 //!
