@@ -84,6 +84,35 @@ async fn leader_crash_elects_a_new_leader_without_losing_writes() {
     c.await_local(leader, "after", "2").await;
 }
 
+/// A node outside a group sends a write to a voter it has heard from, not
+/// to the dead voter routing happens to name first (simulator seed 144: a
+/// node lost with its disk swallowed every forwarded write until the
+/// request timed out).
+#[tokio::test]
+async fn a_node_outside_a_group_forwards_past_a_dead_voter() {
+    let mut c = Cluster::form(4).await;
+    c.await_replication(3).await;
+    let state = c.node(c.metadata_leader().await).metadata().await.unwrap();
+    let (group, outsider) = (1..=DATA_GROUPS)
+        .map(GroupId)
+        .find_map(|g| {
+            let route = state.routing.group(g)?;
+            let outsider = (1..=4).map(n).find(|id| !route.is_member(*id))?;
+            Some((g, outsider))
+        })
+        .expect("with RF 3 on 4 nodes, every group leaves one node out");
+    let route = state.routing.group(group).unwrap();
+    // Whom the outsider would name first: routing's hint, else a voter.
+    let named = route.leader.unwrap_or(route.voters[0]);
+    let key = (0..)
+        .map(|i| format!("k{i}"))
+        .find(|k| state.routing.lookup(put(k, "").0).group == group)
+        .unwrap();
+    c.crash(named).await;
+    // Fails with a timeout if the outsider keeps naming the dead voter.
+    c.put_via(outsider, &key, "written").await;
+}
+
 #[tokio::test]
 async fn five_nodes_have_five_metadata_voters() {
     let c = Cluster::form(5).await;
