@@ -200,6 +200,12 @@ pub enum SafetyError {
         state: NodeState,
     },
     #[error(
+        "node {} does not answer, so it cannot receive group {}'s replica: the move would \
+         only time out waiting for it to catch up",
+        .target.get(), .group.0
+    )]
+    TargetUnreachable { group: GroupId, target: NodeId },
+    #[error(
         "node {} is already a member of group {} (members {}), so it cannot hold a second \
          replica of it",
         .target.get(), .group.0, node_list(.members)
@@ -389,6 +395,9 @@ fn check_move(
             })
         }
         Some(_) => {}
+    }
+    if !view.live.contains(&target) {
+        return Err(SafetyError::TargetUnreachable { group, target });
     }
     if route.is_member(target) {
         return Err(SafetyError::TargetAlreadyMember {
@@ -1246,24 +1255,25 @@ mod tests {
     }
 
     #[test]
-    fn an_unreachable_target_counts_as_dead() {
+    fn an_unreachable_target_is_refused() {
         let mut c = three_in_four();
         c.kill(&[3, 4]);
-        // Before: {1,2} live of {1,2,3}. After: {2} live of {2,3,4}.
-        assert!(matches!(
-            check_replica_move(&c.view(), GroupId(1), n(1), n(4)),
-            Err(SafetyError::TooFewLiveVoters {
-                stage: MoveStage::After,
-                live: 1,
-                need: 2,
-                ..
-            })
-        ));
-        // Replacing the dead voter with a dead target changes nothing: allowed.
-        assert_eq!(
-            check_replica_move(&c.view(), GroupId(1), n(3), n(4)),
-            Ok(())
-        );
+        // Even replacing the dead voter 3, which the live voters' majority
+        // would allow: the move could only time out waiting for node 4.
+        for source in [1, 3] {
+            let err = check_replica_move(&c.view(), GroupId(1), n(source), n(4)).unwrap_err();
+            assert_eq!(
+                err,
+                SafetyError::TargetUnreachable {
+                    group: GroupId(1),
+                    target: n(4)
+                }
+            );
+            assert!(
+                err.to_string().starts_with("node 4 does not answer"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
