@@ -40,6 +40,12 @@ use tokio::time::{sleep, Instant};
 
 /// How long the healed cluster has to serve every group again.
 pub const LIVENESS_BOUND: Duration = Duration::from_secs(60);
+/// How long a lost node's decommission may take, from the end of the
+/// liveness phase until it has left the topology. Longer than
+/// [`LIVENESS_BOUND`]: moves already heading to the dead node must time out
+/// in `CatchUp` first (8 s each), and every pass of the coordinator waits
+/// out a status call to it.
+pub const REPLACEMENT_BOUND: Duration = Duration::from_secs(120);
 
 /// A run's verdict: `Err` says what broke, where and when.
 pub type Verdict = Result<Report, String>;
@@ -220,6 +226,23 @@ impl SimCluster {
                     self.swarm.seed
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Replacement (DESIGN.md §3.3): every node lost with its disk is
+    /// decommissioned — its replicas rebuilt from their sound copies on the
+    /// other nodes — and leaves the topology within the bound, unless the
+    /// other nodes are too few to hold its replicas.
+    pub async fn lost_nodes_removed(&self) -> Result<(), String> {
+        let lost: Vec<NodeId> = lock(&self.lost).iter().copied().collect();
+        for id in lost {
+            self.until(
+                REPLACEMENT_BOUND,
+                &format!("{id}, lost with its disk, to be decommissioned and removed"),
+                Removed(id),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -1198,22 +1221,25 @@ async fn replace_lost_nodes(
         sleep(Duration::from_secs(1)).await;
         let pending: Vec<NodeId> = lock(&lost).difference(&decommissioned).copied().collect();
         for id in pending {
-            let Some(via) = lock(&registry).values().next().cloned() else {
-                continue;
-            };
             let request = ClientRequest::Decommission {
                 node: id,
                 dry_run: false,
             };
-            if let Ok(ClientResponse::Plan { moves, .. }) =
-                service_call(&via, Caller::Admin, &request).await
-            {
-                decommissioned.insert(id);
-                let event = format!(
-                    "operator decommissions {id}, lost with its disk: {} moves",
-                    moves.len()
-                );
-                log_to(&trace, start, event);
+            // As the CLI does: through each node in turn until one answers
+            // (a node that does not lead group 0 refuses).
+            let nodes: Vec<Node> = lock(&registry).values().cloned().collect();
+            for via in nodes {
+                if let Ok(ClientResponse::Plan { moves, .. }) =
+                    service_call(&via, Caller::Admin, &request).await
+                {
+                    decommissioned.insert(id);
+                    let event = format!(
+                        "operator decommissions {id}, lost with its disk: {} moves",
+                        moves.len()
+                    );
+                    log_to(&trace, start, event);
+                    break;
+                }
             }
         }
     }
@@ -1397,6 +1423,25 @@ impl AsyncCheck<Option<String>> for Readable {
             HistoryOutcome::Ok(value) => Some(value),
             _ => None,
         }
+    }
+}
+
+/// The node has left the topology, or the other active nodes are too few to
+/// take its replicas (it then stays, dead, in its groups).
+struct Removed(NodeId);
+impl AsyncCheck<()> for Removed {
+    async fn check(&mut self, c: &SimCluster) -> Option<()> {
+        let node = c.node(*c.up_nodes().first()?)?;
+        let state = node.metadata().await.ok()?;
+        let others = state
+            .topology
+            .nodes()
+            .filter(|(id, info)| *id != self.0 && matches!(info.state, NodeState::Active(_)))
+            .count();
+        let stays = state.topology.get(self.0).is_some_and(|info| {
+            matches!(info.state, NodeState::Active(_)) && others < c.swarm.replication_factor
+        });
+        (state.topology.get(self.0).is_none() || stays).then_some(())
     }
 }
 

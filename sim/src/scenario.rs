@@ -74,6 +74,7 @@ async fn phases(
     cluster.damage_only_from_rot()?;
     cluster.final_reads(history).await?;
     cluster.tokens_used_once()?;
+    cluster.lost_nodes_removed().await?;
     cluster.migrations_settled().await?;
     cluster.converged().await
 }
