@@ -396,9 +396,6 @@ fn check_move(
         }
         Some(_) => {}
     }
-    if !view.live.contains(&target) {
-        return Err(SafetyError::TargetUnreachable { group, target });
-    }
     if route.is_member(target) {
         return Err(SafetyError::TargetAlreadyMember {
             group,
@@ -432,6 +429,11 @@ fn check_move(
                 unreachable: down,
             });
         }
+    }
+    // Checked after the majorities, which say more when a dead target
+    // would also cost the group its quorum.
+    if !view.live.contains(&target) {
+        return Err(SafetyError::TargetUnreachable { group, target });
     }
     Ok(())
 }
@@ -1255,25 +1257,33 @@ mod tests {
     }
 
     #[test]
-    fn an_unreachable_target_is_refused() {
+    fn an_unreachable_target_counts_as_dead_and_is_refused() {
         let mut c = three_in_four();
         c.kill(&[3, 4]);
-        // Even replacing the dead voter 3, which the live voters' majority
-        // would allow: the move could only time out waiting for node 4.
-        for source in [1, 3] {
-            let err = check_replica_move(&c.view(), GroupId(1), n(source), n(4)).unwrap_err();
-            assert_eq!(
-                err,
-                SafetyError::TargetUnreachable {
-                    group: GroupId(1),
-                    target: n(4)
-                }
-            );
-            assert!(
-                err.to_string().starts_with("node 4 does not answer"),
-                "{err}"
-            );
-        }
+        // Before: {1,2} live of {1,2,3}. After: {2} live of {2,3,4}.
+        assert!(matches!(
+            check_replica_move(&c.view(), GroupId(1), n(1), n(4)),
+            Err(SafetyError::TooFewLiveVoters {
+                stage: MoveStage::After,
+                live: 1,
+                need: 2,
+                ..
+            })
+        ));
+        // Replacing the dead voter 3 keeps the live majority, but the move
+        // could only time out waiting for node 4 to catch up.
+        let err = check_replica_move(&c.view(), GroupId(1), n(3), n(4)).unwrap_err();
+        assert_eq!(
+            err,
+            SafetyError::TargetUnreachable {
+                group: GroupId(1),
+                target: n(4)
+            }
+        );
+        assert!(
+            err.to_string().starts_with("node 4 does not answer"),
+            "{err}"
+        );
     }
 
     #[test]
