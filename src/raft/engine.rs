@@ -14,7 +14,7 @@
 //!    rest: the messages that promise persistence (votes, append responses)
 //!    and the committed work to apply.
 //!
-//! Commit-index durability (DESIGN.md §11: persist the commit index with or
+//! Commit-index durability (DESIGN.md §10: persist the commit index with or
 //! before applying): entries committed in a `Ready` are applied after the
 //! write that stores that ready's hard state, commit index included. raft-rs
 //! reports some commits only once a ready is advanced
