@@ -11,7 +11,9 @@ use keel::core::codec;
 use keel::core::entry::MetadataEntry;
 use keel::core::ids::GroupId;
 use keel::core::routing::RoutingChange;
-use keel::node::rpc::{NodeError, Outcome};
+use keel::io::transport::Transport;
+use keel::node::rpc::{NodeError, Outcome, Request, Response};
+use serde_bytes::ByteBuf;
 use std::time::Duration;
 
 #[tokio::test]
@@ -111,6 +113,79 @@ async fn a_node_outside_a_group_forwards_past_a_dead_voter() {
     c.crash(named).await;
     // Fails with a timeout if the outsider keeps naming the dead voter.
     c.put_via(outsider, &key, "written").await;
+}
+
+/// Many writes through one node at once reach their leaders in batches
+/// (`node::forward`), and each client still gets its own answer.
+#[tokio::test]
+async fn concurrent_forwarded_writes_each_get_their_own_answer() {
+    let c = Cluster::form(3).await;
+    c.await_replication(3).await;
+    let via = c.node(n(2)).clone();
+    let writes: Vec<_> = (0..64)
+        .map(|i| {
+            let via = via.clone();
+            let (vshard, command) = put(&format!("batched{i}"), &format!("v{i}"));
+            tokio::spawn(async move { via.propose(vshard, command).await })
+        })
+        .collect();
+    let mut indexes = std::collections::BTreeSet::new();
+    for write in writes {
+        let committed = write.await.unwrap().unwrap();
+        assert!(matches!(committed.outcome, Outcome::Data(_)));
+        indexes.insert((committed.hlc, committed.index));
+    }
+    assert_eq!(indexes.len(), 64, "every write has its own log position");
+    for i in 0..64 {
+        assert_eq!(
+            c.get_via(n(3), &format!("batched{i}")).await,
+            Some(format!("v{i}").into_bytes())
+        );
+    }
+}
+
+/// A forwarded batch is validated item by item: only proposals and reads
+/// may travel in one, and a bad item fails alone.
+#[tokio::test]
+async fn a_forwarded_batch_refuses_bad_items_and_runs_the_rest() {
+    let c = Cluster::form(3).await;
+    let leader = c.metadata_leader().await;
+    let (outsider, _inbound) = c.net.endpoint(n(9));
+    let propose = |hwm| {
+        codec::encode(&Request::ProposeMetadata(MetadataEntry::SurrogateAlloc {
+            hwm,
+        }))
+    };
+    let nested = codec::encode(&Request::Forwarded(vec![ByteBuf::from(propose(3))]));
+    let items = vec![
+        propose(5),
+        codec::encode(&Request::Status),
+        b"garbage".to_vec(),
+        nested,
+        propose(9),
+    ];
+    let batch = Request::Forwarded(items.into_iter().map(ByteBuf::from).collect());
+    let answer = outsider
+        .call(leader, codec::encode(&batch), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let Response::Forwarded(answers) = codec::decode::<Response>(&answer).unwrap() else {
+        panic!("a batch is answered by a batch");
+    };
+    let answers: Vec<Response> = answers
+        .iter()
+        .map(|a| codec::decode::<Response>(a).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 5);
+    for committed in [&answers[0], &answers[4]] {
+        assert!(matches!(committed, Response::Committed(_)), "{committed:?}");
+    }
+    for refused in &answers[1..4] {
+        assert!(
+            matches!(refused, Response::Error(NodeError::BadRequest(_))),
+            "{refused:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -27,6 +27,7 @@ use keel::node::join::JoinRequest;
 use keel::node::rpc::{
     Committed, DataBody, DataRecord, NodeError, NodeStatus, Outcome, RaftFrame, Request, Response,
 };
+use serde_bytes::ByteBuf;
 use keel::node::service::{ClientRequest, ClientResponse, ServiceError};
 use keel_fuzz::{applier, sim_disk_recovery};
 use protobuf::Message as _;
@@ -444,6 +445,17 @@ fn main() {
         ),
         ("read-metadata", Request::ReadMetadata),
         ("status", Request::Status),
+        (
+            "forwarded",
+            Request::Forwarded(vec![
+                ByteBuf::from(codec::encode(&Request::Propose {
+                    vshard: VShardId::for_key(b"user/1"),
+                    group: None,
+                    command: put.clone(),
+                })),
+                ByteBuf::from(codec::encode(&Request::ReadMetadata)),
+            ]),
+        ),
     ];
     for (name, request) in &requests {
         c.add(&format!("request-{name}"), &codec::encode(request));
@@ -476,6 +488,13 @@ fn main() {
             }),
         ),
         ("ack", Response::Ack),
+        (
+            "forwarded",
+            Response::Forwarded(vec![
+                ByteBuf::from(codec::encode(&Response::Ack)),
+                ByteBuf::from(codec::encode(&Response::Error(NodeError::Dropped))),
+            ]),
+        ),
         (
             "error",
             Response::Error(NodeError::NotLeader {

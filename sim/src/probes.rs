@@ -61,6 +61,7 @@ pub const ALL: &[&str] = &[
     "migration.resumed.tail",
     "migration.started",
     "migration.vshard_reassigned",
+    "node.forwarded_batch",
     "node.group_fail_stopped",
     "node.metadata_from_snapshot",
     "node.proposal_timed_out",

@@ -8,6 +8,7 @@
 //! client may talk to any node.
 
 mod data_group;
+mod forward;
 pub mod join;
 mod liveness;
 pub mod membership;
@@ -27,6 +28,7 @@ use crate::io::clock::WallClock;
 use crate::io::transport::{Transport, TransportError};
 use crate::io::NodeIo;
 use crate::raft::engine::EngineConfig;
+use forward::Forwarder;
 use rpc::{Committed, NodeError, NodeStatus, Request, Response};
 use runtime::{Command, Runtime};
 pub use runtime::{MachineFactory, StartError, MAX_METADATA_VOTERS};
@@ -73,6 +75,8 @@ pub struct Node {
     id: NodeId,
     commands: mpsc::UnboundedSender<Command>,
     transport: Arc<dyn Transport>,
+    /// Batches the calls this node forwards for its clients, per peer.
+    forwarder: Arc<Forwarder>,
     clock: Arc<dyn WallClock>,
     request_timeout: Duration,
 }
@@ -92,6 +96,10 @@ pub fn start(
         id: config.node_id,
         commands: tx.clone(),
         transport: Arc::clone(&io.transport),
+        forwarder: Arc::new(Forwarder::new(
+            Arc::clone(&io.transport),
+            config.request_timeout,
+        )),
         clock: Arc::clone(&io.clock),
         request_timeout: config.request_timeout,
     };
@@ -140,22 +148,24 @@ impl Node {
     }
 
     async fn remote(&self, to: NodeId, request: &Request) -> Result<Response, NodeError> {
-        let bytes = self
-            .transport
-            .call(to, codec::encode(request), self.request_timeout)
-            .await
-            .map_err(|e| match e {
-                // The request never left: safe to retry elsewhere.
-                TransportError::Unreachable(_) | TransportError::FrameTooLarge { .. } => {
-                    NodeError::Unreachable {
-                        peer: to,
-                        cause: e.to_string(),
-                    }
+        let encoded = codec::encode(request);
+        let answer = if request.travels_forwarded() {
+            self.forwarder.call(to, encoded).await
+        } else {
+            self.transport.call(to, encoded, self.request_timeout).await
+        };
+        let bytes = answer.map_err(|e| match e {
+            // The request never left: safe to retry elsewhere.
+            TransportError::Unreachable(_) | TransportError::FrameTooLarge { .. } => {
+                NodeError::Unreachable {
+                    peer: to,
+                    cause: e.to_string(),
                 }
-                // It may have arrived and be executing: its outcome is
-                // unknown, and retrying could apply it twice.
-                TransportError::Timeout(_) | TransportError::Dropped(_) => NodeError::Timeout,
-            })?;
+            }
+            // It may have arrived and be executing: its outcome is
+            // unknown, and retrying could apply it twice.
+            TransportError::Timeout(_) | TransportError::Dropped(_) => NodeError::Timeout,
+        })?;
         codec::decode::<Response>(&bytes).map_err(|e| NodeError::BadRequest(e.to_string()))
     }
 

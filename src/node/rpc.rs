@@ -10,6 +10,7 @@ use crate::core::ids::{GroupId, NodeId, VShardId};
 use crate::core::routing::WrongGroup;
 use crate::core::vshard_gate::{ControlRefusal, Gate, GateRefusal, GroupControl};
 use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
 
 /// One Raft message of one group, in raft-rs's protobuf encoding.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +59,22 @@ pub enum Request {
         group: GroupId,
         vshard: VShardId,
     },
+    /// Several forwarded calls to this peer, each an encoded request that
+    /// [`Request::travels_forwarded`]; answered by [`Response::Forwarded`]
+    /// (see `node::forward`).
+    Forwarded(Vec<ByteBuf>),
+}
+
+impl Request {
+    /// Whether the request may travel in a [`Request::Forwarded`] batch:
+    /// the proposals and reads a node forwards to a leader for its clients.
+    /// Nothing else does, so a batch never holds a batch.
+    pub fn travels_forwarded(&self) -> bool {
+        matches!(
+            self,
+            Request::ProposeMetadata(_) | Request::Propose { .. } | Request::Read { .. }
+        )
+    }
 }
 
 impl Wire for Request {
@@ -166,6 +183,9 @@ pub enum Response {
     /// A snapshot frame was received and stepped.
     Ack,
     Error(NodeError),
+    /// The encoded answers to a [`Request::Forwarded`] batch, one per item
+    /// and in its order.
+    Forwarded(Vec<ByteBuf>),
 }
 
 impl Wire for Response {

@@ -36,6 +36,7 @@ use raft::prelude::{Entry, Message, MessageType, Snapshot};
 use raft::{SnapshotStatus, StateRole};
 use rand_chacha::rand_core::RngCore;
 use rand_chacha::ChaCha8Rng;
+use serde_bytes::ByteBuf;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -701,16 +702,47 @@ impl Runtime {
     }
 
     fn on_call(&mut self, from: NodeId, request: Vec<u8>, reply: oneshot::Sender<Vec<u8>>) {
-        let request = match codec::decode::<Request>(&request) {
-            Ok(request) => request,
-            Err(e) => {
-                let _ = reply.send(codec::encode(&Response::Error(NodeError::BadRequest(
-                    e.to_string(),
-                ))));
-                return;
+        match codec::decode::<Request>(&request) {
+            Ok(request) => self.on_request(from, request, reply),
+            Err(e) => refuse(reply, e.to_string()),
+        }
+    }
+
+    /// Runs each call of a forwarded batch as if it came alone, and answers
+    /// the batch once every call has its answer.
+    fn on_forwarded(&mut self, from: NodeId, items: Vec<ByteBuf>, reply: oneshot::Sender<Vec<u8>>) {
+        let answers: Vec<_> = items
+            .iter()
+            .map(|item| {
+                let (tx, rx) = oneshot::channel();
+                match codec::decode::<Request>(item) {
+                    Ok(request) if request.travels_forwarded() => {
+                        self.on_request(from, request, tx)
+                    }
+                    Ok(_) => refuse(
+                        tx,
+                        "only proposals and reads travel in a forwarded batch".into(),
+                    ),
+                    Err(e) => refuse(tx, e.to_string()),
+                }
+                rx
+            })
+            .collect();
+        tokio::spawn(async move {
+            let mut encoded = Vec::with_capacity(answers.len());
+            for answer in answers {
+                let bytes = answer
+                    .await
+                    .unwrap_or_else(|_| codec::encode(&Response::Error(NodeError::Dropped)));
+                encoded.push(ByteBuf::from(bytes));
             }
-        };
+            let _ = reply.send(codec::encode(&Response::Forwarded(encoded)));
+        });
+    }
+
+    fn on_request(&mut self, from: NodeId, request: Request, reply: oneshot::Sender<Vec<u8>>) {
         match request {
+            Request::Forwarded(items) => self.on_forwarded(from, items, reply),
             Request::RaftSnapshot(frame) => {
                 let response = if self.step(from, frame) {
                     Response::Ack
@@ -1530,6 +1562,11 @@ fn take_where<T>(waiters: &mut BTreeMap<u64, T>, gone: impl Fn(&T) -> bool) -> V
 
 /// Answers a peer's call once the local result is ready, without holding
 /// up the event loop.
+/// Answers a call that cannot run with why.
+fn refuse(reply: oneshot::Sender<Vec<u8>>, why: String) {
+    let _ = reply.send(codec::encode(&Response::Error(NodeError::BadRequest(why))));
+}
+
 fn answer_later<T: Send + 'static>(
     rx: oneshot::Receiver<Result<T, NodeError>>,
     reply: oneshot::Sender<Vec<u8>>,
