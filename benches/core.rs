@@ -25,6 +25,10 @@
 //!   `CatalogDdl` of 128 bytes or 4 KiB, or a vShard move's
 //!   `MigrationCheckpoint`; the rate is records per second and frame bytes
 //!   (header included) per second.
+//! - `kv_snapshot`: [`KvStateMachine`]'s `snapshot` (encode) and `restore`
+//!   (decode and check) of a store of 10,000 pairs, 24-byte keys and
+//!   128-byte values: what a data group does when it compacts its log or
+//!   installs a snapshot. The rate is snapshot bytes per second.
 //!
 //! Run with `cargo bench --bench core`; add e.g. `-- routing_lookup` to run
 //! one group.
@@ -45,11 +49,13 @@ mod bench {
     use keel::core::entry::{MetadataEntry, MetadataRecord};
     use keel::core::hlc::Hlc;
     use keel::core::ids::{DescriptorId, GroupId, MigrationId, NodeId, VShardId, VSHARD_COUNT};
+    use keel::core::kv::{KvCommand, KvStateMachine};
     use keel::core::lease::DescriptorLease;
     use keel::core::migration::{
         MigrationCheckpointPayload, MigrationPhaseTag, MigrationRow, VShardMovePayload,
     };
     use keel::core::routing::RoutingTable;
+    use keel::core::state_machine::DataStateMachine;
     use keel::core::topology::TopologyChange;
     use std::hint::black_box;
 
@@ -345,5 +351,30 @@ mod bench {
         decode.finish();
     }
 
-    criterion::criterion_group!(benches, routing, metadata_apply, codec);
+    fn kv_snapshot(c: &mut Criterion) {
+        let mut store = KvStateMachine::new();
+        for i in 0..10_000u64 {
+            let put = KvCommand::Put {
+                key: format!("user/{i:019}").into_bytes(),
+                value: vec![i as u8; 128],
+            };
+            store.apply(i + 1, &codec::encode(&put));
+        }
+        let snapshot = store.snapshot();
+        let mut group = c.benchmark_group("kv_snapshot");
+        group.throughput(Throughput::Bytes(snapshot.len() as u64));
+        group.bench_function("snapshot_10k", |b| b.iter(|| black_box(&store).snapshot()));
+        group.bench_function("restore_10k", |b| {
+            b.iter(|| {
+                let mut restored = KvStateMachine::new();
+                restored
+                    .restore(black_box(&snapshot))
+                    .expect("a valid snapshot");
+                restored
+            })
+        });
+        group.finish();
+    }
+
+    criterion::criterion_group!(benches, routing, metadata_apply, codec, kv_snapshot);
 }

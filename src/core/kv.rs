@@ -174,6 +174,7 @@ fn storage_order(key: &[u8]) -> (VShardId, &[u8]) {
 #[derive(Serialize, Deserialize)]
 struct KvSnapshot {
     applied_index: u64,
+    #[serde(with = "byte_pairs")]
     entries: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -187,7 +188,40 @@ impl Wire for KvSnapshot {
 #[derive(Serialize)]
 struct KvSnapshotRef<'a> {
     applied_index: u64,
+    #[serde(serialize_with = "byte_pairs::serialize")]
     entries: Vec<(&'a [u8], &'a [u8])>,
+}
+
+/// Key-value pairs as postcard byte strings. The bytes are the same as a
+/// plain list of byte-vector pairs (postcard writes a length and the bytes
+/// either way), but serde then moves each key and value in one piece
+/// instead of one byte at a time: a snapshot of a large store encodes
+/// several times faster.
+mod byte_pairs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    /// Owned key-value pairs.
+    pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+    pub fn serialize<S: Serializer, K: AsRef<[u8]>, V: AsRef<[u8]>>(
+        pairs: &[(K, V)],
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(
+            pairs
+                .iter()
+                .map(|(k, v)| (Bytes::new(k.as_ref()), Bytes::new(v.as_ref()))),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Pairs, D::Error> {
+        let pairs = Vec::<(ByteBuf, ByteBuf)>::deserialize(deserializer)?;
+        Ok(pairs
+            .into_iter()
+            .map(|(k, v)| (k.into_vec(), v.into_vec()))
+            .collect())
+    }
 }
 
 /// The built-in ordered key-value state machine.
@@ -460,6 +494,7 @@ impl DataStateMachine for KvStateMachine {
 #[derive(Deserialize)]
 struct KvVShardExport {
     vshard: VShardId,
+    #[serde(deserialize_with = "byte_pairs::deserialize")]
     entries: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -485,6 +520,7 @@ impl Serialize for KvVShardExport {
 #[derive(Serialize)]
 struct KvVShardExportRef<'a> {
     vshard: VShardId,
+    #[serde(serialize_with = "byte_pairs::serialize")]
     entries: Vec<(&'a [u8], &'a [u8])>,
 }
 
@@ -501,6 +537,38 @@ mod tests {
             .filter(|k| VShardId::for_key(k) == vshard)
             .take(count)
             .collect()
+    }
+
+    /// Pairs encoded as byte strings are the bytes plain pairs encode to,
+    /// so snapshots and exports written before `byte_pairs` still decode.
+    #[test]
+    fn byte_pairs_encode_as_plain_pairs_do() {
+        #[derive(Serialize)]
+        struct Plain {
+            applied_index: u64,
+            entries: Vec<(Vec<u8>, Vec<u8>)>,
+        }
+        let entries = vec![(b"a".to_vec(), vec![7; 300]), (b"b".to_vec(), Vec::new())];
+        let plain = postcard::to_allocvec(&Plain {
+            applied_index: 9,
+            entries: entries.clone(),
+        })
+        .unwrap();
+        let borrowed = KvSnapshotRef {
+            applied_index: 9,
+            entries: entries
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .collect(),
+        };
+        assert_eq!(postcard::to_allocvec(&borrowed).unwrap(), plain);
+        let owned = KvSnapshot {
+            applied_index: 9,
+            entries: entries.clone(),
+        };
+        assert_eq!(postcard::to_allocvec(&owned).unwrap(), plain);
+        let decoded: KvSnapshot = postcard::from_bytes(&plain).unwrap();
+        assert_eq!(decoded.entries, entries);
     }
 
     #[test]

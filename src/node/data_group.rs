@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize)]
 struct DataGroupSnapshot {
     gates: VShardGates,
+    #[serde(with = "serde_bytes")]
     machine: Vec<u8>,
 }
 

@@ -131,6 +131,7 @@ struct SnapshotRow {
     index: u64,
     term: u64,
     conf: GroupState,
+    #[serde(with = "serde_bytes")]
     data: Vec<u8>,
 }
 
