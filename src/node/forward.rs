@@ -64,16 +64,26 @@ impl Forwarder {
 
     fn enqueue(&self, to: NodeId, pending: Pending) {
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        let queue = queues.entry(to).or_insert_with(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(drain(Arc::clone(&self.transport), to, self.timeout, rx));
-            tx
-        });
-        // The queue's task ends only when its sender is dropped, which is
-        // with the forwarder, so a send cannot fail while `self` lives.
-        if let Err(mpsc::error::SendError(pending)) = queue.send(pending) {
-            let _ = pending.answer.send(Err(TransportError::Dropped(to)));
-        }
+        let pending = match queues.get(&to) {
+            Some(queue) => match queue.send(pending) {
+                Ok(()) => return,
+                // The queue's task is gone: the runtime that ran it stopped
+                // (a handle may outlive the runtime it was first used on).
+                Err(mpsc::error::SendError(pending)) => pending,
+            },
+            None => pending,
+        };
+        let (queue, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(drain(
+            Arc::clone(&self.transport),
+            to,
+            self.timeout,
+            receiver,
+        ));
+        // If the task cannot run either, `pending`'s answer channel closes
+        // and the call fails as dropped.
+        let _ = queue.send(pending);
+        queues.insert(to, queue);
     }
 }
 
@@ -260,6 +270,26 @@ mod tests {
         let (_, answers) = call_all(n(3), 4).await;
         for answer in answers {
             assert_eq!(answer, Err(TransportError::Unreachable(n(3))));
+        }
+    }
+
+    /// A forwarder first used on a runtime that stopped still works on
+    /// the next one: its queue's task died with the first.
+    #[cfg(not(madsim))]
+    #[test]
+    fn a_queue_whose_task_died_is_replaced() {
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let transport = Arc::new(Echo::default());
+        let forwarder = Forwarder::new(transport, Duration::from_secs(1));
+        for _ in 0..2 {
+            let answer = runtime().block_on(forwarder.call(n(2), read(7)));
+            let response = codec::decode::<Response>(&answer.unwrap()).unwrap();
+            assert_eq!(response, Response::Read(vec![7]));
         }
     }
 
