@@ -12,7 +12,7 @@ use keel::core::entry::MetadataEntry;
 use keel::core::ids::GroupId;
 use keel::core::routing::RoutingChange;
 use keel::io::transport::Transport;
-use keel::node::rpc::{NodeError, Outcome, Request, Response};
+use keel::node::rpc::{NodeError, Outcome, Request, Response, MAX_FORWARDED_ITEMS};
 use serde_bytes::ByteBuf;
 use std::time::Duration;
 
@@ -186,6 +186,20 @@ async fn a_forwarded_batch_refuses_bad_items_and_runs_the_rest() {
             "{refused:?}"
         );
     }
+    // A batch over the limit is refused whole, before any item runs.
+    let items = vec![ByteBuf::from(propose(11)); MAX_FORWARDED_ITEMS + 1];
+    let answer = outsider
+        .call(
+            leader,
+            codec::encode(&Request::Forwarded(items)),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(
+        codec::decode::<Response>(&answer).unwrap(),
+        Response::Error(NodeError::BadRequest(_))
+    ));
 }
 
 #[tokio::test]

@@ -15,7 +15,7 @@
 //! be retried elsewhere; if it timed out, every item's outcome is unknown,
 //! exactly as for a call of its own.
 
-use super::rpc::{NodeError, Request, Response};
+use super::rpc::{NodeError, Request, Response, MAX_FORWARDED_ITEMS};
 use crate::core::codec;
 use crate::core::ids::NodeId;
 use crate::io::transport::{Transport, TransportError};
@@ -25,8 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-/// At most this many requests travel in one batch.
-const MAX_BATCH_ITEMS: usize = 256;
 /// A batch stops taking requests once it holds this many bytes (a single
 /// larger request still travels, alone).
 const MAX_BATCH_BYTES: usize = 1 << 20;
@@ -100,7 +98,7 @@ async fn drain(
         tokio::task::yield_now().await;
         let mut bytes = first.request.len();
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH_ITEMS && bytes < MAX_BATCH_BYTES {
+        while batch.len() < MAX_FORWARDED_ITEMS && bytes < MAX_BATCH_BYTES {
             match queue.try_recv() {
                 Ok(next) => {
                     bytes += next.request.len();

@@ -65,6 +65,10 @@ pub enum Request {
     Forwarded(Vec<ByteBuf>),
 }
 
+/// The most calls one [`Request::Forwarded`] batch may hold; a larger batch
+/// is refused whole.
+pub const MAX_FORWARDED_ITEMS: usize = 256;
+
 impl Request {
     /// Whether the request may travel in a [`Request::Forwarded`] batch:
     /// the proposals and reads a node forwards to a leader for its clients.

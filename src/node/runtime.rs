@@ -24,7 +24,7 @@ use crate::node::liveness::Liveness;
 use crate::node::membership::{next_change, Wanted};
 use crate::node::rpc::{
     Committed, DataBody, DataRecord, GroupView, NodeError, NodeStatus, Outcome, PeerProgress,
-    RaftFrame, Request, Response,
+    RaftFrame, Request, Response, MAX_FORWARDED_ITEMS,
 };
 use crate::node::NodeConfig;
 use crate::raft::engine::{
@@ -711,6 +711,15 @@ impl Runtime {
     /// Runs each call of a forwarded batch as if it came alone, and answers
     /// the batch once every call has its answer.
     fn on_forwarded(&mut self, from: NodeId, items: Vec<ByteBuf>, reply: oneshot::Sender<Vec<u8>>) {
+        if items.len() > MAX_FORWARDED_ITEMS {
+            return refuse(
+                reply,
+                format!(
+                    "a forwarded batch holds at most {MAX_FORWARDED_ITEMS} calls, not {}",
+                    items.len()
+                ),
+            );
+        }
         let answers: Vec<_> = items
             .iter()
             .map(|item| {
