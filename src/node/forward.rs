@@ -221,18 +221,28 @@ mod tests {
         fn disconnect(&self, _peer: NodeId) {}
     }
 
+    /// Queues `count` reads for `to` in one go, before the queue's task
+    /// can run (under any scheduler, the simulator's included), and waits
+    /// for their answers.
     async fn call_all(to: NodeId, count: u8) -> (Arc<Echo>, Vec<Answer>) {
         let transport = Arc::new(Echo::default());
-        let forwarder = Arc::new(Forwarder::new(transport.clone(), Duration::from_secs(1)));
-        let tasks: Vec<_> = (0..count)
+        let forwarder = Forwarder::new(transport.clone(), Duration::from_secs(1));
+        let answered: Vec<_> = (0..count)
             .map(|i| {
-                let forwarder = Arc::clone(&forwarder);
-                tokio::spawn(async move { forwarder.call(to, read(i)).await })
+                let (answer, answered) = oneshot::channel();
+                forwarder.enqueue(
+                    to,
+                    Pending {
+                        request: read(i),
+                        answer,
+                    },
+                );
+                answered
             })
             .collect();
         let mut answers = Vec::new();
-        for task in tasks {
-            answers.push(task.await.unwrap());
+        for answer in answered {
+            answers.push(answer.await.unwrap());
         }
         (transport, answers)
     }
