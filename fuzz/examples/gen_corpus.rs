@@ -27,10 +27,10 @@ use keel::node::join::JoinRequest;
 use keel::node::rpc::{
     Committed, DataBody, DataRecord, NodeError, NodeStatus, Outcome, RaftFrame, Request, Response,
 };
-use serde_bytes::ByteBuf;
 use keel::node::service::{ClientRequest, ClientResponse, ServiceError};
 use keel_fuzz::{applier, sim_disk_recovery};
 use protobuf::Message as _;
+use serde_bytes::ByteBuf;
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};

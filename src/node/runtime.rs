@@ -1569,13 +1569,13 @@ fn take_where<T>(waiters: &mut BTreeMap<u64, T>, gone: impl Fn(&T) -> bool) -> V
     taken.into_values().collect()
 }
 
-/// Answers a peer's call once the local result is ready, without holding
-/// up the event loop.
 /// Answers a call that cannot run with why.
 fn refuse(reply: oneshot::Sender<Vec<u8>>, why: String) {
     let _ = reply.send(codec::encode(&Response::Error(NodeError::BadRequest(why))));
 }
 
+/// Answers a peer's call once the local result is ready, without holding
+/// up the event loop.
 fn answer_later<T: Send + 'static>(
     rx: oneshot::Receiver<Result<T, NodeError>>,
     reply: oneshot::Sender<Vec<u8>>,
