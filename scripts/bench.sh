@@ -9,11 +9,14 @@
 # NOT part of CI: it takes minutes, installs etcd, and its figures depend on
 # the machine and whatever else runs on it.
 #
-# Usage: scripts/bench.sh [--all] [--duration D] [--clients N,N,..] [--ops O,O,..] [KEEL-BENCH-ARGS...]
+# Usage: scripts/bench.sh [--all] [--duration D] [--clients N,N,..] [--ops O,O,..] [--route R] [KEEL-BENCH-ARGS...]
 #   DURATION  each load run's measured time (default 10s; plus a fifth of it warm-up)
 #   CLIENTS   client counts (default 1,16,64,256)
 #   OPS       what to measure (default write,read,meta)
-#   --duration/--clients/--ops override these and go to both systems; other
+#   ROUTE     leader (default): every request goes to the leader of what it
+#             addresses; spread: client i to node (member) i mod 3, which
+#             forwards to the leader
+#   --duration/--clients/--ops/--route override these and go to both systems; other
 #   arguments go to `keel bench` only (e.g. --moves 5 --failovers 3).
 #   --all     also run `cargo bench --bench commit` and `--bench core`.
 #   --idle G  instead of all that: the idle cost of a 3-node cluster with G
@@ -26,6 +29,7 @@ cd "$(dirname "$0")/.."
 duration=${DURATION:-10s}
 clients=${CLIENTS:-1,16,64,256}
 ops=${OPS:-write,read,meta}
+route=${ROUTE:-leader}
 all=0
 idle=0
 keel_args=()
@@ -36,17 +40,19 @@ while (($#)); do
             [[ $# -ge 2 ]] || { echo "bench.sh: --idle needs a group count" >&2; exit 2; }
             idle=$2
             shift ;;
-        --duration | --clients | --ops)
+        --duration | --clients | --ops | --route)
             [[ $# -ge 2 ]] || { echo "bench.sh: $1 needs a value" >&2; exit 2; }
             case $1 in
                 --duration) duration=$2 ;;
                 --clients) clients=$2 ;;
                 --ops) ops=$2 ;;
+                --route) route=$2 ;;
             esac
             shift ;;
         --duration=*) duration=${1#*=} ;;
         --clients=*) clients=${1#*=} ;;
         --ops=*) ops=${1#*=} ;;
+        --route=*) route=${1#*=} ;;
         *) keel_args+=("$1") ;;
     esac
     shift
@@ -106,7 +112,7 @@ cargo build --release --manifest-path bench/etcd/Cargo.toml
 
 out=target/bench
 mkdir -p "$out"
-common=(--duration "$duration" --clients "$clients" --ops "$ops")
+common=(--duration "$duration" --clients "$clients" --ops "$ops" --route "$route")
 echo "== keel (${common[*]}) =="
 target/release/keel bench "${common[@]}" --json "$out/keel.json" ${keel_args[@]+"${keel_args[@]}"} |
     tee "$out/keel.txt"

@@ -705,6 +705,24 @@ fn up_forms_a_cluster_that_survives_the_leader_being_killed() {
     let mut probe_args = via_survivors.clone();
     probe_args.extend_from_slice(&["--timeout", "2s"]);
 
+    // A routing client sends group-0 requests to its leader...
+    let rt = runtime();
+    let router = rt
+        .block_on(keel::cli::routes::Router::new(admin_client(
+            &rt,
+            &c,
+            Duration::from_secs(1),
+        )))
+        .unwrap_or_else(|e| panic!("cannot fetch routes: {e}"));
+    let routed_leader = |router: &std::sync::Arc<keel::cli::routes::Router>| {
+        let _inside = rt.enter();
+        router
+            .routes()
+            .leader_of(keel::core::ids::GroupId::METADATA)
+            .map(|a| a.to_string())
+    };
+    assert_eq!(routed_leader(&router), Some(c.addr(leader)));
+
     c.kill_node(leader);
     let killed_at = Instant::now();
     let bound = Duration::from_secs(15);
@@ -758,6 +776,16 @@ fn up_forms_a_cluster_that_survives_the_leader_being_killed() {
         });
     eprintln!(
         "[failover] FAILOVER TIME: writes accepted again {write_back:.2?} after the kill; node {new_leader} leads group 0 after {elected:.2?}"
+    );
+
+    // ...and, refreshing in the background, to the new one.
+    wait_until(
+        "the router sends group 0's requests to its new leader",
+        Duration::from_secs(15),
+        || match routed_leader(&router) {
+            Some(a) if a == c.addr(new_leader) => Ok(()),
+            other => Err(format!("routed to {other:?}")),
+        },
     );
 
     // No acknowledged write was lost (linearizable reads).

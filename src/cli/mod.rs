@@ -6,6 +6,7 @@ pub mod bench;
 pub mod client;
 pub mod migrate;
 mod offline;
+pub mod routes;
 pub mod status;
 pub mod up;
 

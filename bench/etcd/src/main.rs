@@ -17,15 +17,19 @@
 //! - meta: put `meta/{client}` = `load::value()` (etcd is itself a metadata
 //!   store: its metadata commit is a put).
 //!
-//! Client `i` talks to member `i mod 3`, as keel's client `i` talks to node
-//! `i mod n`. Every member has `--conns` gRPC channels (default 1: one
+//! With `--route leader` (the default, as in `keel bench`) every client
+//! talks to the member that leads when the runs start, asked with etcd's
+//! status call, so that no request is forwarded; with `--route spread`
+//! client `i` talks to member `i mod 3`, as keel's client `i` then talks to
+//! node `i mod n`. Every member has `--conns` gRPC channels (default 1: one
 //! HTTP/2 connection carrying all of that member's clients' requests
 //! concurrently, as keel's admin client carries them over one QUIC
-//! connection per node); client `i` uses channel `(i / 3) mod conns`.
+//! connection per node); a member's clients take its channels in turn.
 
 use clap::Parser;
 use etcd_client::{Client, ConnectOptions, KvClient};
 use keel::cli::bench::load::{self, LoadResult, Op, Target};
+use keel::cli::bench::Route;
 use serde::Serialize;
 use std::fmt::Write as _;
 use std::fs::File;
@@ -66,6 +70,10 @@ struct Args {
     /// The etcd binary.
     #[arg(long, default_value = "etcd")]
     etcd: PathBuf,
+    /// Where each client sends its requests: `leader`, to the leader
+    /// member; `spread`, client `i` to member `i mod 3`.
+    #[arg(long, value_enum, default_value_t = Route::Leader)]
+    route: Route,
     /// gRPC channels (HTTP/2 connections) to each member.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     conns: u64,
@@ -191,7 +199,7 @@ async fn interrupted() -> &'static str {
 
 async fn run(args: &Args, cluster: &mut EtcdCluster) -> Result<Vec<LoadResult>, String> {
     cluster.wait_healthy().await?;
-    let target = Arc::new(EtcdTarget::connect(cluster, args.conns).await?);
+    let target = Arc::new(EtcdTarget::connect(cluster, args.conns, args.route).await?);
     // A member that died mid-run would make every later figure a lie.
     load::sweep(target, &args.ops, &args.clients, args.duration, || {
         cluster.check_running()
@@ -356,18 +364,21 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// etcd as a [`Target`]: `channels[member][conn]`.
+/// etcd as a [`Target`]: `channels[member][conn]`, and with
+/// [`Route::Leader`] the leader member every client uses.
 struct EtcdTarget {
     channels: Vec<Vec<KvClient>>,
+    leader: Option<usize>,
 }
 
 impl EtcdTarget {
-    async fn connect(cluster: &EtcdCluster, conns: u64) -> Result<Self, String> {
+    async fn connect(cluster: &EtcdCluster, conns: u64, route: Route) -> Result<Self, String> {
         let options = ConnectOptions::new()
             .with_timeout(REQUEST_TIMEOUT)
             .with_connect_timeout(REQUEST_TIMEOUT);
         let mut channels = Vec::new();
-        for member in &cluster.members {
+        let mut leader = None;
+        for (n, member) in cluster.members.iter().enumerate() {
             let mut member_channels = Vec::new();
             for _ in 0..conns {
                 // One Client per channel: etcd-client balances a Client's
@@ -375,25 +386,47 @@ impl EtcdTarget {
                 let client = Client::connect([&member.client_url], Some(options.clone()))
                     .await
                     .map_err(|e| format!("cannot connect to {}: {e}", member.client_url))?;
+                if route == Route::Leader && leader.is_none() {
+                    // A member is the leader if the leader it names is itself.
+                    let status =
+                        client.clone().status().await.map_err(|e| {
+                            format!("cannot ask {} its status: {e}", member.client_url)
+                        })?;
+                    if status.header().map(|h| h.member_id()) == Some(status.leader()) {
+                        leader = Some(n);
+                    }
+                }
                 member_channels.push(client.kv_client());
             }
             channels.push(member_channels);
         }
-        Ok(EtcdTarget { channels })
+        if route == Route::Leader && leader.is_none() {
+            return Err("no etcd member reported itself as the leader".into());
+        }
+        Ok(EtcdTarget { channels, leader })
     }
 
     /// Client `client`'s channel, cloned: `KvClient`'s calls take `&mut self`,
     /// and a clone shares the channel (the HTTP/2 connection).
     fn kv(&self, client: usize) -> KvClient {
-        let (member, conn) = place(client, self.channels.len(), self.channels[0].len());
+        let (member, conn) = place(
+            client,
+            self.leader,
+            self.channels.len(),
+            self.channels[0].len(),
+        );
         self.channels[member][conn].clone()
     }
 }
 
-/// Client `client`'s member and channel: member `client mod members`, as in
-/// `keel bench`, then that member's channels in turn.
-fn place(client: usize, members: usize, conns: usize) -> (usize, usize) {
-    (client % members, (client / members) % conns)
+/// Client `client`'s member and channel: the leader if every client goes
+/// there, else member `client mod members`, as in `keel bench`; then that
+/// member's channels in turn.
+fn place(client: usize, leader: Option<usize>, members: usize, conns: usize) -> (usize, usize) {
+    match leader {
+        Some(leader) => (leader, client % conns),
+        None => (client % members, (client / members) % conns),
+    }
 }
 
 impl Target for EtcdTarget {
@@ -577,11 +610,19 @@ mod tests {
 
     #[test]
     fn clients_spread_over_members_then_channels() {
-        assert_eq!(place(0, 3, 1), (0, 0));
-        assert_eq!(place(4, 3, 1), (1, 0));
-        assert_eq!(place(0, 3, 2), (0, 0));
-        assert_eq!(place(1, 3, 2), (1, 0));
-        assert_eq!(place(3, 3, 2), (0, 1));
-        assert_eq!(place(6, 3, 2), (0, 0));
+        assert_eq!(place(0, None, 3, 1), (0, 0));
+        assert_eq!(place(4, None, 3, 1), (1, 0));
+        assert_eq!(place(0, None, 3, 2), (0, 0));
+        assert_eq!(place(1, None, 3, 2), (1, 0));
+        assert_eq!(place(3, None, 3, 2), (0, 1));
+        assert_eq!(place(6, None, 3, 2), (0, 0));
+    }
+
+    #[test]
+    fn routed_clients_share_the_leaders_channels() {
+        assert_eq!(place(0, Some(2), 3, 1), (2, 0));
+        assert_eq!(place(4, Some(2), 3, 1), (2, 0));
+        assert_eq!(place(1, Some(1), 3, 2), (1, 1));
+        assert_eq!(place(2, Some(1), 3, 2), (1, 0));
     }
 }

@@ -10,7 +10,9 @@ pub mod load;
 mod moves;
 
 use crate::cli::client::AdminClient;
+use crate::cli::routes::Router;
 use crate::cli::up::{LocalCluster, UpArgs};
+use crate::core::ids::{GroupId, VShardId};
 use crate::core::kv::KvCommand;
 use crate::node::service::{ClientRequest, ClientResponse};
 use load::{LoadResult, Op, Target};
@@ -53,9 +55,24 @@ pub struct BenchArgs {
     /// Kills of the group-0 leader to time.
     #[arg(long, default_value_t = 0)]
     pub failovers: usize,
+    /// Where each client sends its requests: `leader`, to the leader of the
+    /// group it addresses, as a routing client would; `spread`, client `i`
+    /// to node `i mod n`, which forwards to the leader.
+    #[arg(long, value_enum, default_value_t = Route::Leader)]
+    pub route: Route,
     /// Also write every figure as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+/// How bench clients pick the node to send a request to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Route {
+    /// To the group's leader, from [`crate::cli::routes::Routes`] refreshed
+    /// in the background.
+    Leader,
+    /// Client `i` to node `i mod n`.
+    Spread,
 }
 
 /// Every figure of one `keel bench` run.
@@ -105,7 +122,7 @@ async fn run(args: &BenchArgs, up: &UpArgs) -> Result<BenchReport, String> {
         nodes: args.nodes,
         ..BenchReport::default()
     };
-    let target = Arc::new(KeelTarget::new(&cluster)?);
+    let target = Arc::new(KeelTarget::new(&cluster, args.route).await?);
     report.load = load::sweep(
         Arc::clone(&target),
         &args.ops,
@@ -124,16 +141,22 @@ async fn run(args: &BenchArgs, up: &UpArgs) -> Result<BenchReport, String> {
     Ok(report)
 }
 
-/// keel as a [`Target`]: client `i` sends to node `i mod n`, which forwards
-/// to the leader as any client's node would.
+/// keel as a [`Target`]: each request goes to its group's leader, or with
+/// [`Route::Spread`] client `i` sends to node `i mod n`, which forwards to
+/// the leader as any client's node would.
 pub struct KeelTarget {
     client: AdminClient,
     addrs: Vec<SocketAddr>,
+    router: Option<Arc<Router>>,
 }
 
 impl KeelTarget {
-    fn new(cluster: &LocalCluster) -> Result<Self, String> {
+    async fn new(cluster: &LocalCluster, route: Route) -> Result<Self, String> {
         let client = cluster.client()?;
+        let router = match route {
+            Route::Leader => Some(Router::new(client.clone()).await?),
+            Route::Spread => None,
+        };
         let addrs = client
             .dir()
             .load_addresses()
@@ -143,12 +166,39 @@ impl KeelTarget {
         if addrs.is_empty() {
             return Err("the cluster directory lists no node addresses".into());
         }
-        Ok(KeelTarget { client, addrs })
+        Ok(KeelTarget {
+            client,
+            addrs,
+            router,
+        })
+    }
+
+    /// The node client `client` sends `request` to: the leader of the group
+    /// it addresses if known, else its own node of the spread.
+    fn addr(&self, client: usize, request: &ClientRequest) -> SocketAddr {
+        let spread = self.addrs[client % self.addrs.len()];
+        let Some(router) = &self.router else {
+            return spread;
+        };
+        let routes = router.routes();
+        let leader = match request {
+            ClientRequest::Kv(command) => routes.leader_for(command.vshard()),
+            ClientRequest::Get { key, .. } => routes.leader_for(VShardId::for_key(key)),
+            ClientRequest::Ddl { .. } => routes.leader_of(GroupId::METADATA),
+            _ => None,
+        };
+        leader.unwrap_or(spread)
     }
 
     async fn call(&self, client: usize, request: &ClientRequest) -> Result<ClientResponse, String> {
-        let addr = self.addrs[client % self.addrs.len()];
-        match self.client.call_at(addr, request).await {
+        let result = self
+            .client
+            .call_at(self.addr(client, request), request)
+            .await;
+        if let (Err(_), Some(router)) = (&result, &self.router) {
+            router.refresh();
+        }
+        match result {
             Ok(ClientResponse::Error(e)) => Err(e.to_string()),
             Ok(response) => Ok(response),
             Err(e) => Err(e.to_string()),
