@@ -73,6 +73,7 @@ pub const ALL: &[&str] = &[
     "placement.replica_added",
     "raft.commit_deferred_to_next_round",
     "raft.group_hibernated",
+    "raft.read_index_held",
     "raft.snapshot_delivered",
     "raft.snapshot_failed",
     "raft.snapshot_taken",

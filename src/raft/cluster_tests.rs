@@ -7,10 +7,10 @@ use crate::core::ids::{GroupId, NodeId};
 use crate::core::kv::{KvCommand, KvStateMachine};
 use crate::core::state_machine::DataStateMachine;
 use crate::raft::engine::{
-    conf_change, conf_change_of, Engine, EngineConfig, GroupApply, GroupBootstrap,
+    conf_change, conf_change_of, Engine, EngineConfig, GroupApply, GroupBootstrap, BOOTSTRAP_INDEX,
 };
 use crate::raft::storage::RaftStore;
-use raft::prelude::{ConfChangeType, MessageType};
+use raft::prelude::{ConfChangeType, MessageType, ReadState};
 use raft::SnapshotStatus;
 use raft::StateRole;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -481,17 +481,13 @@ fn proposals_on_a_follower_are_refused_with_a_hint() {
     }
 }
 
-#[test]
-fn read_index_completes_on_the_leader() {
-    let mut c = Cluster::new(3, EngineConfig::default());
-    c.put(G, "a", "1");
-    let leader = c.leader(G).unwrap();
-    c.node(leader).engine.read_index(G, b"r1".to_vec()).unwrap();
-    let mut seen = None;
+/// Runs rounds on `leader` (delivering everything each sends) until a
+/// read state for `group` comes out; `None` after 50 rounds.
+fn await_read_state(c: &mut Cluster, leader: NodeId, group: GroupId) -> Option<ReadState> {
     for _ in 0..50 {
         let node = c.node(leader);
         let mut pending = node.engine.begin_round().unwrap();
-        let found = pending.read_states.drain(..).find(|(g, _)| *g == G);
+        let found = pending.read_states.drain(..).find(|(g, _)| *g == group);
         let early = std::mem::take(&mut pending.messages);
         let round = node.engine.finish_round(pending).unwrap();
         for apply in round.applies {
@@ -501,14 +497,47 @@ fn read_index_completes_on_the_leader() {
             c.queue.extend(messages.into_iter().map(|m| (to, m)));
         }
         if let Some((_, rs)) = found {
-            seen = Some(rs);
-            break;
+            return Some(rs);
         }
         c.step();
     }
-    let rs = seen.expect("read index completed");
+    None
+}
+
+#[test]
+fn read_index_completes_on_the_leader() {
+    let mut c = Cluster::new(3, EngineConfig::default());
+    c.put(G, "a", "1");
+    let leader = c.leader(G).unwrap();
+    c.node(leader).engine.read_index(G, b"r1".to_vec()).unwrap();
+    let rs = await_read_state(&mut c, leader, G).expect("read index completed");
     assert_eq!(rs.request_ctx, b"r1".to_vec());
     assert!(rs.index >= 2);
+}
+
+/// raft-rs drops a read index asked of a leader that has not committed an
+/// entry of its own term yet; the engine holds it until that entry commits
+/// (found by `every_node_restarts_with_its_data` in the simulator build,
+/// `MADSIM_TEST_SEED=1795378660035460904`: a read right after every node
+/// restarted waited out its whole deadline).
+#[test]
+fn read_index_asked_before_the_leaders_first_commit_completes() {
+    let mut c = Cluster::new(3, EngineConfig::default());
+    let leader = c.elect(G);
+    let status = c.node(leader).engine.status(G).unwrap();
+    // Nothing of the new term is committed: only the bootstrap entries.
+    assert_eq!(
+        status.commit, BOOTSTRAP_INDEX,
+        "the test needs a leader whose first entry is not committed yet: {status:?}"
+    );
+    c.node(leader)
+        .engine
+        .read_index(G, b"early".to_vec())
+        .unwrap();
+    let rs = await_read_state(&mut c, leader, G).expect("the early read index completed");
+    assert_eq!(rs.request_ctx, b"early".to_vec());
+    // The read point covers the new leader's first entry.
+    assert!(rs.index > BOOTSTRAP_INDEX, "{rs:?}");
 }
 
 /// A single voter commits by its own write (`LightReady::commit_index`), so

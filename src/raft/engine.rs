@@ -182,6 +182,33 @@ struct Group {
     quiet_ticks: usize,
     /// Compaction requested by the runtime: (index, snapshot data).
     compaction: Option<(u64, Vec<u8>)>,
+    /// Read-index contexts asked of this leader before it committed an
+    /// entry of its own term (see [`Engine::read_index`]).
+    held_reads: Vec<Vec<u8>>,
+}
+
+impl Group {
+    /// Whether held reads can now be asked (the leader committed an entry
+    /// of its term) or must be dropped (it no longer leads).
+    fn held_reads_due(&self) -> bool {
+        !self.held_reads.is_empty()
+            && (self.raw.raft.state != StateRole::Leader || self.raw.raft.commit_to_current_term())
+    }
+
+    /// Asks raft-rs for the held read indexes, or drops them where this
+    /// node no longer leads: the runtime fails a read whose node lost
+    /// leadership, and a follower would only forward them.
+    fn release_held_reads(&mut self) {
+        if !self.held_reads_due() {
+            return;
+        }
+        let held = std::mem::take(&mut self.held_reads);
+        if self.raw.raft.state == StateRole::Leader {
+            for context in held {
+                self.raw.read_index(context);
+            }
+        }
+    }
 }
 
 pub struct Engine {
@@ -276,6 +303,7 @@ impl Engine {
                 deferred: Vec::new(),
                 deferred_commit: None,
                 quiet_ticks: 0,
+                held_reads: Vec::new(),
                 compaction: None,
             },
         );
@@ -475,10 +503,21 @@ impl Engine {
 
     /// Requests a linearizable read point; it completes as a `ReadState`
     /// carrying `context` in a later round.
+    ///
+    /// raft-rs silently drops a read index asked of a leader that has not
+    /// yet committed an entry of its own term (its commit index may still
+    /// be behind what an earlier leader acknowledged), so the read would
+    /// wait out its deadline. Such a request is held here and asked in the
+    /// first round after that entry commits, as etcd's raft queues it.
     pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) -> Result<(), EngineError> {
         let g = self.group_mut(group)?;
         Self::wake(g);
-        g.raw.read_index(context);
+        if g.raw.raft.state == StateRole::Leader && !g.raw.raft.commit_to_current_term() {
+            crate::probe!("raft.read_index_held");
+            g.held_reads.push(context);
+        } else {
+            g.raw.read_index(context);
+        }
         Ok(())
     }
 
@@ -613,9 +652,12 @@ impl Engine {
 
     /// Whether a round would have anything to do.
     pub fn has_work(&self) -> bool {
-        self.groups
-            .values()
-            .any(|g| g.raw.has_ready() || g.compaction.is_some() || g.deferred_commit.is_some())
+        self.groups.values().any(|g| {
+            g.raw.has_ready()
+                || g.compaction.is_some()
+                || g.deferred_commit.is_some()
+                || g.held_reads_due()
+        })
     }
 
     /// The first half of a round for every group: collects their readies
@@ -632,6 +674,7 @@ impl Engine {
             read_states: Vec::new(),
         };
         for (&group, g) in self.groups.iter_mut() {
+            g.release_held_reads();
             if let Some(commit) = g.deferred_commit.take() {
                 pending.batch.set_commit(g.raw.store(), commit);
                 pending
