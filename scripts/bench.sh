@@ -13,9 +13,9 @@
 #   DURATION  each load run's measured time (default 10s; plus a fifth of it warm-up)
 #   CLIENTS   client counts (default 1,16,64,256)
 #   OPS       what to measure (default write,read,meta)
-#   ROUTE     leader (default): every request goes to the leader of what it
-#             addresses; spread: client i to node (member) i mod 3, which
-#             forwards to the leader
+#   ROUTE     spread (default): client i to node (member) i mod 3, which
+#             forwards to the leader; leader: every request goes to the
+#             leader of what it addresses
 #   --duration/--clients/--ops/--route override these and go to both systems; other
 #   arguments go to `keel bench` only (e.g. --moves 5 --failovers 3).
 #   --all     also run `cargo bench --bench commit` and `--bench core`.
@@ -29,7 +29,7 @@ cd "$(dirname "$0")/.."
 duration=${DURATION:-10s}
 clients=${CLIENTS:-1,16,64,256}
 ops=${OPS:-write,read,meta}
-route=${ROUTE:-leader}
+route=${ROUTE:-spread}
 all=0
 idle=0
 keel_args=()

@@ -17,11 +17,11 @@
 //! - meta: put `meta/{client}` = `load::value()` (etcd is itself a metadata
 //!   store: its metadata commit is a put).
 //!
-//! With `--route leader` (the default, as in `keel bench`) every client
-//! talks to the member that leads when the runs start, asked with etcd's
-//! status call, so that no request is forwarded; with `--route spread`
-//! client `i` talks to member `i mod 3`, as keel's client `i` then talks to
-//! node `i mod n`. Every member has `--conns` gRPC channels (default 1: one
+//! With `--route spread` (the default, as in `keel bench`) client `i` talks
+//! to member `i mod 3`, as keel's client `i` talks to node `i mod n`; with
+//! `--route leader` every client talks to the member that leads when the
+//! runs start, asked with etcd's status call, so that no request is
+//! forwarded. Every member has `--conns` gRPC channels (default 1: one
 //! HTTP/2 connection carrying all of that member's clients' requests
 //! concurrently, as keel's admin client carries them over one QUIC
 //! connection per node); a member's clients take its channels in turn.
@@ -70,9 +70,9 @@ struct Args {
     /// The etcd binary.
     #[arg(long, default_value = "etcd")]
     etcd: PathBuf,
-    /// Where each client sends its requests: `leader`, to the leader
-    /// member; `spread`, client `i` to member `i mod 3`.
-    #[arg(long, value_enum, default_value_t = Route::Leader)]
+    /// Where each client sends its requests: `spread`, client `i` to
+    /// member `i mod 3`; `leader`, to the leader member.
+    #[arg(long, value_enum, default_value_t = Route::Spread)]
     route: Route,
     /// gRPC channels (HTTP/2 connections) to each member.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]

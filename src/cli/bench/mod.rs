@@ -55,10 +55,12 @@ pub struct BenchArgs {
     /// Kills of the group-0 leader to time.
     #[arg(long, default_value_t = 0)]
     pub failovers: usize,
-    /// Where each client sends its requests: `leader`, to the leader of the
-    /// group it addresses, as a routing client would; `spread`, client `i`
-    /// to node `i mod n`, which forwards to the leader.
-    #[arg(long, value_enum, default_value_t = Route::Leader)]
+    /// Where each client sends its requests: `spread`, client `i` to node
+    /// `i mod n`, which forwards to the leader; `leader`, to the leader of
+    /// the group it addresses, as a routing client would. On one small
+    /// machine `leader` is faster at 64 clients and slower at 256, where the
+    /// leader's node then serves every client alone (docs/PERFORMANCE.md).
+    #[arg(long, value_enum, default_value_t = Route::Spread)]
     pub route: Route,
     /// Also write every figure as JSON to this file.
     #[arg(long)]
@@ -68,8 +70,7 @@ pub struct BenchArgs {
 /// How bench clients pick the node to send a request to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Route {
-    /// To the group's leader, from [`crate::cli::routes::Routes`] refreshed
-    /// in the background.
+    /// To the group's leader, as routes refreshed in the background name it.
     Leader,
     /// Client `i` to node `i mod n`.
     Spread,
@@ -141,9 +142,9 @@ async fn run(args: &BenchArgs, up: &UpArgs) -> Result<BenchReport, String> {
     Ok(report)
 }
 
-/// keel as a [`Target`]: each request goes to its group's leader, or with
-/// [`Route::Spread`] client `i` sends to node `i mod n`, which forwards to
-/// the leader as any client's node would.
+/// keel as a [`Target`]: client `i` sends to node `i mod n`, which forwards
+/// to the leader as any client's node would, or with [`Route::Leader`] each
+/// request goes to its group's leader.
 pub struct KeelTarget {
     client: AdminClient,
     addrs: Vec<SocketAddr>,
