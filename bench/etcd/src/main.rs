@@ -380,25 +380,27 @@ impl EtcdTarget {
         let mut leader = None;
         for (n, member) in cluster.members.iter().enumerate() {
             let mut member_channels = Vec::new();
+            let mut last = None;
             for _ in 0..conns {
                 // One Client per channel: etcd-client balances a Client's
                 // requests over its endpoints, and this one has one endpoint.
                 let client = Client::connect([&member.client_url], Some(options.clone()))
                     .await
                     .map_err(|e| format!("cannot connect to {}: {e}", member.client_url))?;
-                if route == Route::Leader && leader.is_none() {
-                    // A member is the leader if the leader it names is itself.
-                    let status =
-                        client.clone().status().await.map_err(|e| {
-                            format!("cannot ask {} its status: {e}", member.client_url)
-                        })?;
-                    if status.header().map(|h| h.member_id()) == Some(status.leader()) {
-                        leader = Some(n);
-                    }
-                }
                 member_channels.push(client.kv_client());
+                last = Some(client);
             }
             channels.push(member_channels);
+            if let (Route::Leader, None, Some(mut client)) = (route, leader, last) {
+                // A member is the leader if the leader it names is itself.
+                let status = client
+                    .status()
+                    .await
+                    .map_err(|e| format!("cannot ask {} its status: {e}", member.client_url))?;
+                if status.header().map(|h| h.member_id()) == Some(status.leader()) {
+                    leader = Some(n);
+                }
+            }
         }
         if route == Route::Leader && leader.is_none() {
             return Err("no etcd member reported itself as the leader".into());
