@@ -93,7 +93,7 @@ const CRASH_POINT_POLL: Duration = Duration::from_millis(5);
 const CRASH_PHASE_KILLS: usize = 3;
 
 /// The swarm's crash points: coordinators that claimed a row in the crash
-/// phase stall there (see [`MigrationConfig::crash_point`]) until the chaos
+/// phase stall there (see [`MigrationConfig::crash_point`](keel::node::migrate::MigrationConfig::crash_point)) until the chaos
 /// loop kills them.
 #[derive(Default)]
 struct CrashPoints {
