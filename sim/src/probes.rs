@@ -170,16 +170,32 @@ pub fn check_election_safety() -> Result<usize, String> {
 }
 
 /// Installs the probe counter as this process's tracing subscriber, plus
-/// a log printer when `RUST_LOG` is set (e.g. `RUST_LOG=raft=debug` while
-/// replaying a seed).
-pub fn install() {
+/// a log printer when `RUST_LOG` is set (`target=level` pairs, e.g.
+/// `RUST_LOG=raft=debug,keel=info` while replaying a seed).
+///
+/// The printer's filter is a [`Targets`](tracing_subscriber::filter::Targets),
+/// not an `EnvFilter`: an `EnvFilter` builds std `HashMap`s, and the first
+/// `HashMap` on a thread fixes its hash keys. madsim seeds those keys from
+/// the run's seed when its runtime starts, but only if nothing fixed them
+/// before; an `EnvFilter` built first left them truly random, so a replay
+/// with logs on diverged from the seed it replayed.
+pub fn install() -> Result<(), String> {
+    use tracing_subscriber::filter::Targets;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::Layer as _;
-    let printer = std::env::var("RUST_LOG").ok().map(|filter| {
-        tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
-            .with_filter(tracing_subscriber::EnvFilter::new(filter))
-    });
+    let printer = match std::env::var("RUST_LOG") {
+        Ok(filter) => {
+            let targets: Targets = filter
+                .parse()
+                .map_err(|e| format!("RUST_LOG={filter:?} is not a list of target=level: {e}"))?;
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(targets),
+            )
+        }
+        Err(_) => None,
+    };
     // Per-layer filters: each layer sees only what it wants, and events no
     // layer wants cost one disabled callsite.
     let probes =
@@ -195,6 +211,7 @@ pub fn install() {
         .with(elections)
         .with(printer);
     let _ = tracing::subscriber::set_global_default(subscriber);
+    Ok(())
 }
 
 /// The counts so far.

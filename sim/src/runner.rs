@@ -49,7 +49,9 @@ pub enum Command {
         #[arg(long)]
         first_failure: bool,
     },
-    /// Run one seed twice in two processes and compare the trace hashes.
+    /// Run one seed twice in two processes and compare the trace hashes;
+    /// the second run prints every debug log (to nowhere), since a replay
+    /// with logs on must follow the same path as the run it replays.
     CheckDeterminism {
         #[arg(long)]
         seed: u64,
@@ -103,7 +105,7 @@ fn run(
         keel::planted::plant(bug);
         println!("planted bug: {}", bug.name());
     }
-    crate::probes::install();
+    crate::probes::install()?;
     let started = std::time::Instant::now();
     let mut result = crate::scenario::run(seed);
     let wall = started.elapsed();
@@ -173,16 +175,32 @@ fn parse_range(seeds: &str) -> Result<std::ops::Range<u64>, String> {
     Ok(a..b)
 }
 
-fn child(seed: u64, plant: Option<&str>) -> Result<Child, String> {
+/// How a child run logs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Logs {
+    /// As this process was told (`RUST_LOG`), its stderr kept.
+    Inherited,
+    /// Every debug log formatted and thrown away.
+    AllDiscarded,
+}
+
+fn child(seed: u64, plant: Option<&str>, logs: Logs) -> Result<Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find myself: {e}"))?;
     let mut process = Process::new(exe);
     process.args(["run", "--seed", &seed.to_string()]);
     if let Some(bug) = plant {
         process.args(["--plant", bug]);
     }
+    let stderr = match logs {
+        Logs::Inherited => Stdio::piped(),
+        Logs::AllDiscarded => {
+            process.env("RUST_LOG", "debug");
+            Stdio::null()
+        }
+    };
     process
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(stderr)
         .spawn()
         .map_err(|e| format!("cannot start seed {seed}: {e}"))
 }
@@ -248,7 +266,7 @@ fn sweep(seeds: &str, jobs: usize, plant: Option<&str>, first_failure: bool) -> 
         while running.len() < jobs.max(1) {
             match pending.next() {
                 Some(seed) if !first_failure || failures.is_empty() => {
-                    running.push((seed, child(seed, plant)?))
+                    running.push((seed, child(seed, plant, Logs::Inherited)?))
                 }
                 _ => break,
             }
@@ -308,8 +326,8 @@ fn sweep(seeds: &str, jobs: usize, plant: Option<&str>, first_failure: bool) -> 
 }
 
 fn check_determinism(seed: u64) -> Result<(), String> {
-    let first = outcome(child(seed, None)?);
-    let second = outcome(child(seed, None)?);
+    let first = outcome(child(seed, None, Logs::Inherited)?);
+    let second = outcome(child(seed, None, Logs::AllDiscarded)?);
     if first.detail == second.detail {
         println!("seed {seed}: deterministic ({})", first.detail);
         Ok(())
