@@ -1,7 +1,12 @@
 //! What the coordinator tidies besides moves: gates no row explains, ghost
-//! stubs past their time, and decommissions waiting for their moves.
+//! stubs past their time, and decommissions waiting for their moves. It
+//! runs in its own task beside the executor (see [`super::run`]), and like
+//! the executor acts only while its node leads group 0.
 
-use super::{commit, control, live_nodes, start_move, Executor, ORPHAN_SWEEP_INTERVAL};
+use super::{
+    commit, control, leads_metadata, live_nodes, peer_statuses, start_move, MigrationConfig,
+    ORPHAN_SWEEP_INTERVAL,
+};
 use crate::core::entry::MetadataEntry;
 use crate::core::ids::{MigrationId, NodeId};
 use crate::core::migration::{MigrationCheckpointPayload, MigrationPhaseTag};
@@ -9,10 +14,48 @@ use crate::core::rebalance::{plan_decommission, ClusterView};
 use crate::core::routing::RoutingChange;
 use crate::core::topology::{NodeState, TopologyChange};
 use crate::core::vshard_gate::{Gate, GroupControl};
+use crate::node::rpc::NodeError;
+use crate::node::Node;
 use std::collections::BTreeMap;
 use tokio::time::Instant;
 
-impl Executor {
+/// The housekeeping task's state.
+struct Housekeeper {
+    node: Node,
+    config: MigrationConfig,
+    last_sweep: Option<Instant>,
+}
+
+/// Runs the housekeeping until the node stops.
+pub(super) async fn run(node: Node, config: MigrationConfig) {
+    let mut keeper = Housekeeper {
+        node,
+        config,
+        last_sweep: None,
+    };
+    loop {
+        tokio::time::sleep(keeper.config.poll).await;
+        match keeper.round().await {
+            Err(NodeError::Stopped) => return,
+            Err(e) => tracing::debug!(error = %e, "migration housekeeping round failed"),
+            Ok(()) => {}
+        }
+    }
+}
+
+impl Housekeeper {
+    /// One pass, if this node leads group 0.
+    async fn round(&mut self) -> Result<(), NodeError> {
+        if !leads_metadata(&self.node).await? {
+            return Ok(());
+        }
+        let state = self.node.metadata_local().await?;
+        self.clear_orphan_gates(&state).await?;
+        self.expire_ghosts(&state).await;
+        self.decommission(&state).await;
+        Ok(())
+    }
+
     /// Settles gates left by migrations that no longer run: an aborted
     /// move whose coordinator died before unfencing, or a late step of a
     /// coordinator that lost its role. A fence or partial copy whose
@@ -20,14 +63,23 @@ impl Executor {
     /// vShard that routing still sends to its group is unfenced (else
     /// released), and a copy in a group routing does not send it to is
     /// dropped. Runs at most once per `ORPHAN_SWEEP_INTERVAL`.
-    pub(super) async fn clear_orphan_gates(&mut self, state: &crate::core::cache::MetadataState) {
+    async fn clear_orphan_gates(
+        &mut self,
+        state: &crate::core::cache::MetadataState,
+    ) -> Result<(), NodeError> {
         if self
             .last_sweep
             .is_some_and(|at| at.elapsed() < ORPHAN_SWEEP_INTERVAL)
         {
-            return;
+            return Ok(());
         }
         self.last_sweep = Some(Instant::now());
+        let statuses = peer_statuses(&self.node, state).await;
+        // The table as of after the statuses: a move started while they
+        // were asked for made its row before its first gate, so every gate
+        // they report belongs to a row this copy of the table holds, and a
+        // new move's gate is never taken for an orphan.
+        let state = self.node.metadata_local().await?;
         let open = |m: MigrationId| {
             state
                 .migrations
@@ -37,13 +89,7 @@ impl Executor {
         // Keyed by group and step, so that replicas reporting the same gate
         // (a stale leader and the new one) settle it once.
         let mut orphans = BTreeMap::new();
-        for (peer, info) in state.topology.nodes() {
-            if info.state == NodeState::Decommissioned {
-                continue;
-            }
-            let Ok(status) = self.node.status_of(peer).await else {
-                continue;
-            };
+        for status in statuses.values() {
             for view in status.groups.iter().filter(|g| g.is_leader) {
                 for &(vshard, gate) in &view.unsettled {
                     let served_here = state.routing.lookup(vshard).group == view.group;
@@ -69,10 +115,11 @@ impl Executor {
                 crate::probe!("migration.orphan_gate_cleared");
             }
         }
+        Ok(())
     }
 
     /// Removes ghost stubs whose move completed more than `ghost_ttl` ago.
-    pub(super) async fn expire_ghosts(&self, state: &crate::core::cache::MetadataState) {
+    async fn expire_ghosts(&self, state: &crate::core::cache::MetadataState) {
         let now = self.node.now_ms();
         let ttl = u64::try_from(self.config.ghost_ttl.as_millis()).unwrap_or(u64::MAX);
         for (vshard, group, _) in state.routing.ghosts() {
@@ -99,7 +146,7 @@ impl Executor {
 
     /// Moves replicas off draining nodes, a few at a time, and retires a
     /// drained node.
-    pub(super) async fn decommission(&self, state: &crate::core::cache::MetadataState) {
+    async fn decommission(&self, state: &crate::core::cache::MetadataState) {
         let draining: Vec<NodeId> = state
             .topology
             .nodes()

@@ -1,6 +1,7 @@
 //! The migration executor (DESIGN.md §5): drives every row of the
-//! migration table to `Complete` or aborts it, and carries out the
-//! decommissions and ghost-stub expiry that depend on moves.
+//! migration table to `Complete` or aborts it. Beside it, in a task of its
+//! own, its housekeeping carries out the decommissions and ghost-stub
+//! expiry that depend on moves.
 //!
 //! It runs on every node and acts only while the node leads group 0, so a
 //! crash or a leadership change of the coordinator hands every migration to
@@ -31,7 +32,7 @@ use crate::core::rebalance::PlannedMove;
 use crate::core::routing::RoutingChange;
 use crate::core::topology::NodeState;
 use crate::core::vshard_gate::GroupControl;
-use crate::node::rpc::{GroupView, NodeError, Outcome};
+use crate::node::rpc::{GroupView, NodeError, NodeStatus, Outcome};
 use crate::node::Node;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet};
@@ -227,16 +228,18 @@ pub struct Executor {
     node: Node,
     config: MigrationConfig,
     claims: BTreeMap<MigrationId, Claim>,
-    last_sweep: Option<Instant>,
 }
 
-/// Runs the executor until the node stops.
+/// Runs the executor, and its housekeeping in a task of its own, until
+/// the node stops. Housekeeping probes every node, and a dead one answers
+/// only with a timeout: in the executor's loop that wait would hold up
+/// every move's next step, even the moves that replace the dead node.
 pub async fn run(node: Node, config: MigrationConfig) {
+    tokio::spawn(housekeeping::run(node.clone(), config.clone()));
     let mut executor = Executor {
         node,
         config,
         claims: BTreeMap::new(),
-        last_sweep: None,
     };
     loop {
         tokio::time::sleep(executor.config.poll).await;
@@ -251,12 +254,7 @@ pub async fn run(node: Node, config: MigrationConfig) {
 impl Executor {
     /// One look at the table, if this node leads group 0.
     async fn round(&mut self) -> Result<(), NodeError> {
-        let status = self.node.status().await?;
-        let leads = status
-            .groups
-            .iter()
-            .any(|g| g.group == GroupId::METADATA && g.is_leader);
-        if !leads {
+        if !leads_metadata(&self.node).await? {
             // Whoever leads now claims the rows anew.
             self.claims.clear();
             return Ok(());
@@ -290,9 +288,6 @@ impl Executor {
                 }
             }
         }
-        self.clear_orphan_gates(&state).await;
-        self.expire_ghosts(&state).await;
-        self.decommission(&state).await;
         Ok(())
     }
 
@@ -502,20 +497,54 @@ impl Executor {
     }
 }
 
-/// The nodes that answer a status call now: the safety check counts live
+/// Whether this node leads group 0: only the leader coordinates.
+async fn leads_metadata(node: &Node) -> Result<bool, NodeError> {
+    let status = node.status().await?;
+    Ok(status
+        .groups
+        .iter()
+        .any(|g| g.group == GroupId::METADATA && g.is_leader))
+}
+
+/// How long a status probe waits for its answer. A node that misses it
+/// counts as not live for now: planning is conservative about such a node
+/// (it is no target, and its voter does not count towards a majority), and
+/// the caller is not held up by a dead node for a whole request timeout.
+const STATUS_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The status of every node of the topology not yet decommissioned that
+/// answers within [`STATUS_PROBE_TIMEOUT`], all asked at once, so that any
+/// number of dead nodes costs one probe timeout.
+pub(super) async fn peer_statuses(
+    node: &Node,
+    state: &crate::core::cache::MetadataState,
+) -> BTreeMap<NodeId, NodeStatus> {
+    let probes: Vec<_> = state
+        .topology
+        .nodes()
+        .filter(|(_, info)| !matches!(info.state, NodeState::Decommissioned))
+        .map(|(peer, _)| {
+            let node = node.clone();
+            let probe = tokio::spawn(async move {
+                tokio::time::timeout(STATUS_PROBE_TIMEOUT, node.status_of(peer)).await
+            });
+            (peer, probe)
+        })
+        .collect();
+    let mut statuses = BTreeMap::new();
+    for (peer, probe) in probes {
+        if let Ok(Ok(Ok(status))) = probe.await {
+            statuses.insert(peer, status);
+        }
+    }
+    statuses
+}
+
+/// The nodes that answer a status probe now: the safety check counts live
 /// voters, not just the ones routing names.
 pub async fn live_nodes(
     node: &Node,
     state: &crate::core::cache::MetadataState,
 ) -> BTreeSet<NodeId> {
-    let mut live = BTreeSet::new();
-    for (peer, info) in state.topology.nodes() {
-        if matches!(info.state, NodeState::Decommissioned) {
-            continue;
-        }
-        if node.status_of(peer).await.is_ok() {
-            live.insert(peer);
-        }
-    }
-    live
+    peer_statuses(node, state).await.into_keys().collect()
 }
