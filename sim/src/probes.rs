@@ -34,6 +34,7 @@ pub const ALL: &[&str] = &[
     "migration.aborted_after_attempts",
     "migration.completed",
     "migration.control_refused",
+    "migration.finished_after_attempts",
     "migration.ghost_stub_expired",
     "migration.orphan_gate_cleared",
     "migration.pause_budget_exceeded",

@@ -303,8 +303,13 @@ impl Executor {
         let fresh = !self.claims.contains_key(&id);
         if fresh {
             if row.attempt >= self.config.max_attempts {
-                crate::probe!("migration.aborted_after_attempts");
-                return self.abort(&row, &payload, "claimed too many times").await;
+                if self.undo(&row, &payload).await?.is_some() {
+                    crate::probe!("migration.aborted_after_attempts");
+                    return self.abort(&row, &payload, "claimed too many times").await;
+                }
+                // Past its point of no return a move can only be finished,
+                // however many coordinators it took: claim it once more.
+                crate::probe!("migration.finished_after_attempts");
             }
             if row.attempt > 0 {
                 probe_resumed(row.phase);
@@ -427,6 +432,24 @@ impl Executor {
         )))
     }
 
+    /// What aborting `row` would undo, or `None` once the move is past its
+    /// point of no return (a vShard move once routing sends the vShard to
+    /// its target).
+    async fn undo(
+        &self,
+        row: &MigrationRow,
+        payload: &MigrationCheckpointPayload,
+    ) -> Result<Option<Vec<crate::core::migration::Compensation>>, StepError> {
+        let state = self.node.metadata_local().await?;
+        let reassigned = match payload {
+            MigrationCheckpointPayload::VShard(p) => {
+                state.routing.lookup(p.vshard_id).group == p.target_group
+            }
+            MigrationCheckpointPayload::Replica(_) => false,
+        };
+        Ok(compensations(payload, row.phase, reassigned))
+    }
+
     /// Aborts a move. `MigrationAbort` commits first: the applier checks
     /// that the move is still before its point of no return, so the
     /// decision is atomic even against a coordinator that lost its role and
@@ -440,14 +463,7 @@ impl Executor {
         payload: &MigrationCheckpointPayload,
         reason: &str,
     ) -> Result<(), StepError> {
-        let state = self.node.metadata_local().await?;
-        let reassigned = match payload {
-            MigrationCheckpointPayload::VShard(p) => {
-                state.routing.lookup(p.vshard_id).group == p.target_group
-            }
-            MigrationCheckpointPayload::Replica(_) => false,
-        };
-        let Some(undo) = compensations(payload, row.phase, reassigned) else {
+        let Some(undo) = self.undo(row, payload).await? else {
             crate::probe!("migration.abort_refused_past_no_return");
             return Err(StepError::Waiting(format!(
                 "{reason}; past its point of no return, the move will be finished instead"
