@@ -1,11 +1,11 @@
 //! What the coordinator tidies besides moves: gates no row explains, ghost
 //! stubs past their time, and decommissions waiting for their moves. It
-//! runs in its own task beside the executor (see [`super::run`]), and like
+//! runs in its own task beside the executor (see [`run`](super::run)), and like
 //! the executor acts only while its node leads group 0.
 
 use super::{
     commit, control, leads_metadata, live_nodes, peer_statuses, start_move, MigrationConfig,
-    ORPHAN_SWEEP_INTERVAL,
+    Rounds, ORPHAN_SWEEP_INTERVAL,
 };
 use crate::core::entry::MetadataEntry;
 use crate::core::ids::{MigrationId, NodeId};
@@ -20,30 +20,25 @@ use std::collections::BTreeMap;
 use tokio::time::Instant;
 
 /// The housekeeping task's state.
-struct Housekeeper {
+pub(super) struct Housekeeper {
     node: Node,
     config: MigrationConfig,
     last_sweep: Option<Instant>,
 }
 
-/// Runs the housekeeping until the node stops.
-pub(super) async fn run(node: Node, config: MigrationConfig) {
-    let mut keeper = Housekeeper {
-        node,
-        config,
-        last_sweep: None,
-    };
-    loop {
-        tokio::time::sleep(keeper.config.poll).await;
-        match keeper.round().await {
-            Err(NodeError::Stopped) => return,
-            Err(e) => tracing::debug!(error = %e, "migration housekeeping round failed"),
-            Ok(()) => {}
+impl Housekeeper {
+    pub(super) fn new(node: Node, config: MigrationConfig) -> Self {
+        Housekeeper {
+            node,
+            config,
+            last_sweep: None,
         }
     }
 }
 
-impl Housekeeper {
+impl Rounds for Housekeeper {
+    const NAME: &'static str = "migration housekeeping";
+
     /// One pass, if this node leads group 0.
     async fn round(&mut self) -> Result<(), NodeError> {
         if !leads_metadata(&self.node).await? {
@@ -55,7 +50,9 @@ impl Housekeeper {
         self.decommission(&state).await;
         Ok(())
     }
+}
 
+impl Housekeeper {
     /// Settles gates left by migrations that no longer run: an aborted
     /// move whose coordinator died before unfencing, or a late step of a
     /// coordinator that lost its role. A fence or partial copy whose

@@ -235,23 +235,43 @@ pub struct Executor {
 /// only with a timeout: in the executor's loop that wait would hold up
 /// every move's next step, even the moves that replace the dead node.
 pub async fn run(node: Node, config: MigrationConfig) {
-    tokio::spawn(housekeeping::run(node.clone(), config.clone()));
-    let mut executor = Executor {
+    let poll = config.poll;
+    tokio::spawn(poll_rounds(
+        poll,
+        housekeeping::Housekeeper::new(node.clone(), config.clone()),
+    ));
+    let executor = Executor {
         node,
         config,
         claims: BTreeMap::new(),
     };
+    poll_rounds(poll, executor).await;
+}
+
+/// A coordinator task that looks at the cluster once per poll.
+trait Rounds {
+    /// What a failed round's log line names.
+    const NAME: &'static str;
+    /// One look; `Err(NodeError::Stopped)` ends the task.
+    async fn round(&mut self) -> Result<(), NodeError>;
+}
+
+/// Runs `task` every `poll` until its node stops. A failed round is only
+/// logged: the next one looks again.
+async fn poll_rounds<T: Rounds>(poll: Duration, mut task: T) {
     loop {
-        tokio::time::sleep(executor.config.poll).await;
-        match executor.round().await {
+        tokio::time::sleep(poll).await;
+        match task.round().await {
             Err(NodeError::Stopped) => return,
-            Err(e) => tracing::debug!(error = %e, "migration executor round failed"),
+            Err(e) => tracing::debug!(error = %e, task = T::NAME, "coordinator round failed"),
             Ok(()) => {}
         }
     }
 }
 
-impl Executor {
+impl Rounds for Executor {
+    const NAME: &'static str = "migration executor";
+
     /// One look at the table, if this node leads group 0.
     async fn round(&mut self) -> Result<(), NodeError> {
         if !leads_metadata(&self.node).await? {
@@ -290,7 +310,9 @@ impl Executor {
         }
         Ok(())
     }
+}
 
+impl Executor {
     /// Claims the row if needed, then runs its steps until one must wait.
     async fn advance(&mut self, row: MigrationRow) -> Result<(), StepError> {
         let id = row.migration_id;
