@@ -6,8 +6,9 @@
 //!    codec, metadata entries and the metadata cache that applies them,
 //!    routing, topology, join tokens, descriptor leases, migration rows.
 //! 2. [`raft`] — the multi-Raft engine over raft-rs, persisted in redb.
-//! 3. [`io`] — everything that touches the outside world; for now the
-//!    redb-backed tables.
+//! 3. [`io`] — everything that touches the outside world behind small
+//!    interfaces: the QUIC transport and its in-memory twin, clocks, the
+//!    node's certificates, the redb database and its entropy.
 //! 4. [`node`] — the async runtime that drives the engine, applies entries
 //!    and serves requests, generic over the io binding.
 //! 5. the `keel` binary — operator commands.
