@@ -218,6 +218,64 @@ async fn a_replica_moves_off_the_leader_and_its_data_is_deleted() {
     }
 }
 
+/// A leader's replica moves while another voter of its group hangs. The
+/// coordinator finds a group's leader by asking its voters; asked one
+/// after the other, the hung voter made every look wait out the request
+/// timeout (10 s here), far past the 500 ms write-pause budget of the
+/// leadership transfer, so the move aborted.
+#[tokio::test]
+async fn a_replica_moves_off_the_leader_while_another_voter_hangs() {
+    let mut c = Cluster::form(3).await;
+    c.await_replication(3).await;
+    join_active(&mut c, n(4)).await;
+    let group = GroupId(1);
+    let route = c
+        .node(n(1))
+        .metadata()
+        .await
+        .unwrap()
+        .routing
+        .group(group)
+        .unwrap()
+        .clone();
+    let source = route.leader.unwrap();
+    // The lowest-numbered other voter: asked first, in voter order.
+    let hung = *route.voters.iter().find(|&&v| v != source).unwrap();
+    let asker = *route
+        .voters
+        .iter()
+        .find(|&&v| v != source && v != hung)
+        .unwrap();
+    c.crash(hung).await;
+    let (_transport, _never_read) = c.net.endpoint(hung);
+    let id = start_move(
+        c.node(asker),
+        PlannedMove::Replica {
+            group,
+            source,
+            target: n(4),
+        },
+    )
+    .await
+    .unwrap();
+    let pause = finished(c.node(asker), id).await;
+    assert!(pause.is_some(), "the move completes instead of aborting");
+    let route = c
+        .node(asker)
+        .metadata()
+        .await
+        .unwrap()
+        .routing
+        .group(group)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        route.leader,
+        Some(n(4)),
+        "leadership moved with the replica"
+    );
+}
+
 #[tokio::test]
 async fn a_move_over_its_pause_budget_aborts_and_the_source_serves_again() {
     let mut c = Cluster::new();

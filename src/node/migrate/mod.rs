@@ -431,14 +431,21 @@ impl Executor {
         Ok(Some((next, payload)))
     }
 
-    /// The view of `group` from its leader, found through its voters.
+    /// The view of `group` from its leader, found through `candidates`
+    /// (its voters), all asked at once: a dead one among them delays the
+    /// answer by nothing, where asked in turn it held up every look for a
+    /// probe timeout, past a leadership transfer's write-pause budget.
     async fn leader_view(
         &self,
         group: GroupId,
         candidates: &[NodeId],
     ) -> Result<GroupView, StepError> {
-        for &node in candidates {
-            let Ok(status) = self.node.status_of(node).await else {
+        let probes: Vec<_> = candidates
+            .iter()
+            .map(|&peer| probe_status(&self.node, peer))
+            .collect();
+        for probe in probes {
+            let Ok(Some(status)) = probe.await else {
                 continue;
             };
             if let Some(view) = status
@@ -550,6 +557,18 @@ async fn leads_metadata(node: &Node) -> Result<bool, NodeError> {
 /// the caller is not held up by a dead node for a whole request timeout.
 const STATUS_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Asks `peer` for its status in a task of its own, for at most
+/// [`STATUS_PROBE_TIMEOUT`], so that several peers can be asked at once.
+fn probe_status(node: &Node, peer: NodeId) -> tokio::task::JoinHandle<Option<NodeStatus>> {
+    let node = node.clone();
+    tokio::spawn(async move {
+        tokio::time::timeout(STATUS_PROBE_TIMEOUT, node.status_of(peer))
+            .await
+            .ok()?
+            .ok()
+    })
+}
+
 /// The status of every node of the topology not yet decommissioned that
 /// answers within [`STATUS_PROBE_TIMEOUT`], all asked at once, so that any
 /// number of dead nodes costs one probe timeout.
@@ -561,17 +580,11 @@ pub(super) async fn peer_statuses(
         .topology
         .nodes()
         .filter(|(_, info)| !matches!(info.state, NodeState::Decommissioned))
-        .map(|(peer, _)| {
-            let node = node.clone();
-            let probe = tokio::spawn(async move {
-                tokio::time::timeout(STATUS_PROBE_TIMEOUT, node.status_of(peer)).await
-            });
-            (peer, probe)
-        })
+        .map(|(peer, _)| (peer, probe_status(node, peer)))
         .collect();
     let mut statuses = BTreeMap::new();
     for (peer, probe) in probes {
-        if let Ok(Ok(Ok(status))) = probe.await {
+        if let Ok(Some(status)) = probe.await {
             statuses.insert(peer, status);
         }
     }

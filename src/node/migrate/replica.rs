@@ -111,8 +111,9 @@ impl Executor {
                             )));
                         }
                         tokio::time::sleep(TRANSFER_WATCH).await;
-                        let now = self.leader_view(g, &route.voters).await?;
-                        if now.leader == Some(p.target) {
+                        // Only the target's own word counts: asking it
+                        // alone keeps a dead voter out of this tight loop.
+                        if self.leader_view(g, &[p.target]).await.is_ok() {
                             break;
                         }
                     }
