@@ -26,16 +26,6 @@ pub(super) struct Housekeeper {
     last_sweep: Option<Instant>,
 }
 
-impl Housekeeper {
-    pub(super) fn new(node: Node, config: MigrationConfig) -> Self {
-        Housekeeper {
-            node,
-            config,
-            last_sweep: None,
-        }
-    }
-}
-
 impl Rounds for Housekeeper {
     const NAME: &'static str = "migration housekeeping";
 
@@ -53,6 +43,14 @@ impl Rounds for Housekeeper {
 }
 
 impl Housekeeper {
+    pub(super) fn new(node: Node, config: MigrationConfig) -> Self {
+        Housekeeper {
+            node,
+            config,
+            last_sweep: None,
+        }
+    }
+
     /// Settles gates left by migrations that no longer run: an aborted
     /// move whose coordinator died before unfencing, or a late step of a
     /// coordinator that lost its role. A fence or partial copy whose
