@@ -8,6 +8,7 @@ use common::*;
 use keel::core::ids::{GroupId, MigrationId, NodeId, VShardId};
 use keel::core::migration::{MigrationCheckpointPayload, MigrationPhaseTag};
 use keel::core::rebalance::PlannedMove;
+use keel::core::routing::GroupRoute;
 use keel::core::topology::NodeState;
 use keel::node::migrate::start_move;
 use keel::node::Node;
@@ -22,6 +23,12 @@ fn keys_of(vshard: VShardId, count: usize) -> Vec<String> {
         .filter(|k| VShardId::for_key(k.as_bytes()) == vshard)
         .take(count)
         .collect()
+}
+
+/// `group`'s route as `via`'s replica of group 0 has it.
+async fn route_of(c: &Cluster, via: NodeId, group: GroupId) -> GroupRoute {
+    let state = c.node(via).metadata().await.unwrap();
+    state.routing.group(group).unwrap().clone()
 }
 
 /// Waits until the migration finished; `Some(pause)` if it completed,
@@ -136,15 +143,7 @@ async fn a_replica_moves_off_the_leader_and_its_data_is_deleted() {
         c.put_via(n(1), &format!("k{i}"), "v").await;
     }
     let group = GroupId(1);
-    let route = c
-        .node(n(1))
-        .metadata()
-        .await
-        .unwrap()
-        .routing
-        .group(group)
-        .unwrap()
-        .clone();
+    let route = route_of(&c, n(1), group).await;
     let source = route.leader.unwrap();
     // A writer keeps going through the leadership transfer: a proposal
     // raft drops meanwhile is retried by the node, never failed.
@@ -195,15 +194,7 @@ async fn a_replica_moves_off_the_leader_and_its_data_is_deleted() {
         writer.await.unwrap() > 0,
         "the writer wrote during the move"
     );
-    let route = c
-        .node(n(1))
-        .metadata()
-        .await
-        .unwrap()
-        .routing
-        .group(group)
-        .unwrap()
-        .clone();
+    let route = route_of(&c, n(1), group).await;
     assert!(route.is_voter(n(4)));
     assert!(!route.is_member(source));
     assert_eq!(
@@ -229,15 +220,7 @@ async fn a_replica_moves_off_the_leader_while_another_voter_hangs() {
     c.await_replication(3).await;
     join_active(&mut c, n(4)).await;
     let group = GroupId(1);
-    let route = c
-        .node(n(1))
-        .metadata()
-        .await
-        .unwrap()
-        .routing
-        .group(group)
-        .unwrap()
-        .clone();
+    let route = route_of(&c, n(1), group).await;
     let source = route.leader.unwrap();
     // The lowest-numbered other voter: asked first, in voter order.
     let hung = *route.voters.iter().find(|&&v| v != source).unwrap();
@@ -260,15 +243,7 @@ async fn a_replica_moves_off_the_leader_while_another_voter_hangs() {
     .unwrap();
     let pause = finished(c.node(asker), id).await;
     assert!(pause.is_some(), "the move completes instead of aborting");
-    let route = c
-        .node(asker)
-        .metadata()
-        .await
-        .unwrap()
-        .routing
-        .group(group)
-        .unwrap()
-        .clone();
+    let route = route_of(&c, asker, group).await;
     assert_eq!(
         route.leader,
         Some(n(4)),
@@ -313,15 +288,7 @@ async fn a_new_coordinator_resumes_a_move_after_a_crash() {
     join_active(&mut c, n(4)).await;
     let leader = c.metadata_leader().await;
     let group = GroupId(2);
-    let route = c
-        .node(n(1))
-        .metadata()
-        .await
-        .unwrap()
-        .routing
-        .group(group)
-        .unwrap()
-        .clone();
+    let route = route_of(&c, n(1), group).await;
     let source = *route.voters.iter().find(|&&v| v != leader).unwrap();
     let id = start_move(
         c.node(leader),
