@@ -32,17 +32,7 @@ impl Executor {
                     return self.step_to(id, P::Fence, wrap(p), Vec::new()).await;
                 }
                 claim.tail_rounds += u32::from(phase == P::Tail);
-                control(
-                    &self.node,
-                    b,
-                    GroupControl::Ingest {
-                        vshard: v,
-                        migration: id,
-                        data,
-                        serve_after_epoch: None,
-                    },
-                )
-                .await?;
+                self.ingest(&p, id, data, None).await?;
                 if let Some(claim) = self.claims.get_mut(&id) {
                     claim.last_copy = Some(crc);
                 }
@@ -75,17 +65,7 @@ impl Executor {
                 let epoch = state.routing.epoch();
                 let (_, data) = self.node.export_vshard(a, v).await?;
                 self.check_pause(&p)?;
-                control(
-                    &self.node,
-                    b,
-                    GroupControl::Ingest {
-                        vshard: v,
-                        migration: id,
-                        data,
-                        serve_after_epoch: Some(epoch),
-                    },
-                )
-                .await?;
+                self.ingest(&p, id, data, Some(epoch)).await?;
                 self.step_to(id, P::Reassign, wrap(p), Vec::new()).await
             }
             P::Reassign => {
@@ -147,6 +127,25 @@ impl Executor {
                 "a vShard move has no phase {other:?}"
             ))),
         }
+    }
+
+    /// Hands the target group a copy of the vShard: `serve_after_epoch` is
+    /// `None` for a copy taken while the source still serves writes, and
+    /// the routing epoch for the final copy, taken behind the fence.
+    async fn ingest(
+        &self,
+        p: &VShardMovePayload,
+        id: MigrationId,
+        data: Vec<u8>,
+        serve_after_epoch: Option<u64>,
+    ) -> Result<(), StepError> {
+        let step = GroupControl::Ingest {
+            vshard: p.vshard_id,
+            migration: id,
+            data,
+            serve_after_epoch,
+        };
+        control(&self.node, p.target_group, step).await
     }
 
     /// Aborts (with the fence lifted) a move whose write pause already
