@@ -31,6 +31,16 @@ async fn route_of(c: &Cluster, via: NodeId, group: GroupId) -> GroupRoute {
     state.routing.group(group).unwrap().clone()
 }
 
+/// Starts moving `source`'s replica of `group` to node 4, through `via`.
+async fn move_replica_to_4(via: &Node, group: GroupId, source: NodeId) -> MigrationId {
+    let planned = PlannedMove::Replica {
+        group,
+        source,
+        target: n(4),
+    };
+    start_move(via, planned).await.unwrap()
+}
+
 /// Waits until the migration finished; `Some(pause)` if it completed,
 /// `None` if it was aborted (its row is gone).
 async fn finished(node: &Node, id: MigrationId) -> Option<u64> {
@@ -176,16 +186,7 @@ async fn a_replica_moves_off_the_leader_and_its_data_is_deleted() {
             writes
         })
     };
-    let id = start_move(
-        c.node(n(2)),
-        PlannedMove::Replica {
-            group,
-            source,
-            target: n(4),
-        },
-    )
-    .await
-    .unwrap();
+    let id = move_replica_to_4(c.node(n(2)), group, source).await;
     finished(c.node(n(1)), id)
         .await
         .expect("the move completes");
@@ -231,16 +232,7 @@ async fn a_replica_moves_off_the_leader_while_another_voter_hangs() {
         .unwrap();
     c.crash(hung).await;
     let (_transport, _never_read) = c.net.endpoint(hung);
-    let id = start_move(
-        c.node(asker),
-        PlannedMove::Replica {
-            group,
-            source,
-            target: n(4),
-        },
-    )
-    .await
-    .unwrap();
+    let id = move_replica_to_4(c.node(asker), group, source).await;
     let pause = finished(c.node(asker), id).await;
     assert!(pause.is_some(), "the move completes instead of aborting");
     let route = route_of(&c, asker, group).await;
@@ -290,16 +282,7 @@ async fn a_new_coordinator_resumes_a_move_after_a_crash() {
     let group = GroupId(2);
     let route = route_of(&c, n(1), group).await;
     let source = *route.voters.iter().find(|&&v| v != leader).unwrap();
-    let id = start_move(
-        c.node(leader),
-        PlannedMove::Replica {
-            group,
-            source,
-            target: n(4),
-        },
-    )
-    .await
-    .unwrap();
+    let id = move_replica_to_4(c.node(leader), group, source).await;
     // Crash the coordinator as soon as the move is under way.
     let survivor = *c.nodes.keys().find(|&&id| id != leader).unwrap();
     eventually("the move to start its first step", || async {
