@@ -12,7 +12,6 @@ use super::wire::{decode_checked, decode_sealed, verdict};
 use super::{alloc, check_message, Verdict};
 use keel::core::codec::{self, MAX_NESTING};
 use keel::core::entry::{MetadataEntry, MetadataRecord};
-use keel::core::migration::MigrationRow;
 use keel::core::version::ClusterVersion;
 
 /// The fuzz target body; see the module documentation.
@@ -62,28 +61,14 @@ fn check_entry(entry: &MetadataEntry, depth: u32) {
                 check_entry(sub, depth + 1);
             }
         }
-        MetadataEntry::MigrationCheckpoint {
-            migration_id,
-            phase,
-            attempt,
-            payload,
-            crc32c,
-            ts_ms,
-        } => {
+        MetadataEntry::MigrationCheckpoint(row) => {
             // What the applier does with it: a corrupt checkpoint must be an
             // error value (the applier fail-stops on it), never a panic.
-            let row = MigrationRow {
-                migration_id: *migration_id,
-                phase: *phase,
-                attempt: *attempt,
-                payload: payload.clone(),
-                crc32c: *crc32c,
-                ts_ms: *ts_ms,
-            };
-            let verified = alloc::bounded("MigrationRow::verify", payload.len(), || row.verify());
+            let verified =
+                alloc::bounded("MigrationRow::verify", row.payload.len(), || row.verify());
             match verified {
                 Ok(decoded) => {
-                    assert!(phase.belongs_to(decoded.kind()));
+                    assert!(row.phase.belongs_to(decoded.kind()));
                     assert_eq!(row.kind(), Ok(decoded.kind()));
                 }
                 Err(e) => check_message(&e),

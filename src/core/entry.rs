@@ -10,7 +10,7 @@ use crate::core::codec::{self, FrameKind, Wire};
 use crate::core::hlc::Hlc;
 use crate::core::ids::{DescriptorId, MigrationId, NodeId};
 use crate::core::lease::DescriptorLease;
-use crate::core::migration::{Compensation, MigrationPhaseTag, MigrationRow};
+use crate::core::migration::{Compensation, MigrationRow};
 use crate::core::routing::RoutingChange;
 use crate::core::token::{JoinTokenTransitionKind, TokenHash};
 use crate::core::topology::TopologyChange;
@@ -77,15 +77,11 @@ pub enum MetadataEntry {
         ts_ms: u64,
     },
     /// Upserts a migration's row; idempotent on `(id, phase, attempt)`.
-    MigrationCheckpoint {
-        migration_id: MigrationId,
-        phase: MigrationPhaseTag,
-        attempt: u32,
-        #[serde(with = "serde_bytes")]
-        payload: Vec<u8>,
-        crc32c: u32,
-        ts_ms: u64,
-    },
+    /// The entry carries the row itself, so the applier stores exactly what
+    /// the coordinator checkpointed. (On the wire this is the same as the
+    /// struct variant it replaced: postcard writes a struct's fields in
+    /// order, with no names.)
+    MigrationCheckpoint(MigrationRow),
     /// Applies the compensations in order, then deletes the row.
     MigrationAbort {
         migration_id: MigrationId,
@@ -94,18 +90,10 @@ pub enum MetadataEntry {
     },
 }
 
-/// The checkpoint entry that upserts `row` (the applier rebuilds the same
-/// row from it).
+/// The checkpoint entry that upserts `row`.
 impl From<&MigrationRow> for MetadataEntry {
     fn from(row: &MigrationRow) -> Self {
-        MetadataEntry::MigrationCheckpoint {
-            migration_id: row.migration_id,
-            phase: row.phase,
-            attempt: row.attempt,
-            payload: row.payload.clone(),
-            crc32c: row.crc32c,
-            ts_ms: row.ts_ms,
-        }
+        MetadataEntry::MigrationCheckpoint(row.clone())
     }
 }
 
@@ -126,7 +114,7 @@ impl MetadataEntry {
             MetadataEntry::CaTrustChange { .. } => "CaTrustChange",
             MetadataEntry::SurrogateAlloc { .. } => "SurrogateAlloc",
             MetadataEntry::JoinTokenTransition { .. } => "JoinTokenTransition",
-            MetadataEntry::MigrationCheckpoint { .. } => "MigrationCheckpoint",
+            MetadataEntry::MigrationCheckpoint(_) => "MigrationCheckpoint",
             MetadataEntry::MigrationAbort { .. } => "MigrationAbort",
         }
     }
@@ -273,6 +261,40 @@ mod tests {
         assert_eq!(batch.min_cluster_version(), ClusterVersion::V2_AUDITED_DDL);
         assert!(batch.check_allowed(ClusterVersion::V1).is_err());
         assert!(batch.check_allowed(ClusterVersion::V2_AUDITED_DDL).is_ok());
+    }
+
+    /// Logs written by earlier builds must still decode to the same entry:
+    /// these are a checkpoint record's bytes as keel has always logged them
+    /// (from before the entry held a `MigrationRow`, when it listed the
+    /// row's fields itself).
+    #[test]
+    fn a_checkpoint_record_keeps_its_logged_bytes() {
+        use crate::core::ids::GroupId;
+        use crate::core::migration::{
+            MigrationCheckpointPayload, MigrationPhaseTag, ReplicaMovePayload,
+        };
+        let row = MigrationRow::new(
+            MigrationId::from_bytes([7; 16]),
+            MigrationPhaseTag::CatchUp,
+            2,
+            &MigrationCheckpointPayload::Replica(ReplicaMovePayload {
+                group_id: GroupId(3),
+                source: NodeId::new(1).unwrap(),
+                target: NodeId::new(4).unwrap(),
+                source_was_leader: true,
+                caught_up_index: 300,
+                write_pause_us: None,
+            }),
+            1_795_000_000_000,
+        );
+        let record = MetadataRecord::new(Hlc::new(1_795_000_000_001, 3), MetadataEntry::from(&row));
+        let logged: &[u8] = &[
+            225, 0, 1, 0, 0, 0, 58, 239, 189, 144, 144, 129, 188, 217, 242, 158, 52, 3, 13, 16, 7,
+            7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 1, 2, 19, 161, 0, 1, 0, 0, 0, 8, 222, 179,
+            169, 3, 0, 3, 1, 4, 1, 172, 2, 0, 131, 245, 174, 163, 6, 128, 188, 217, 242, 158, 52,
+        ];
+        assert_eq!(record.encode(), logged, "{:?}", record.encode());
+        assert_eq!(codec::decode::<MetadataRecord>(logged), Ok(record));
     }
 
     proptest! {

@@ -416,33 +416,18 @@ pub(super) fn apply_entry(
                 .apply(token_hash, transition, *ts_ms)
                 .map_err(|e: TokenError| rejected(e))?;
         }
-        MetadataEntry::MigrationCheckpoint {
-            migration_id,
-            phase,
-            attempt,
-            payload,
-            crc32c,
-            ts_ms,
-        } => {
-            let row = MigrationRow {
-                migration_id: *migration_id,
-                phase: *phase,
-                attempt: *attempt,
-                payload: payload.clone(),
-                crc32c: *crc32c,
-                ts_ms: *ts_ms,
-            };
+        MetadataEntry::MigrationCheckpoint(row) => {
             row.verify()
                 .map_err(|c| EntryOutcome::Failed(FailCause::CorruptCheckpoint(c)))?;
-            let existing = state.migrations.get(migration_id);
-            let decision = MigrationRow::decide(existing, &row).map_err(rejected)?;
+            let existing = state.migrations.get(&row.migration_id);
+            let decision = MigrationRow::decide(existing, row).map_err(rejected)?;
             if decision == UpsertDecision::Insert {
-                state.check_migration_start(&row).map_err(rejected)?;
+                state.check_migration_start(row).map_err(rejected)?;
             }
             match decision {
                 UpsertDecision::Insert | UpsertDecision::Replace => {
                     let complete = row.phase == MigrationPhaseTag::Complete;
-                    state.migrations.insert(*migration_id, row);
+                    state.migrations.insert(row.migration_id, row.clone());
                     if complete {
                         state.forget_old_completed();
                     }
