@@ -13,6 +13,11 @@ use keel::core::topology::NodeState;
 /// A condition the supervisor waits for.
 pub(super) trait AsyncCheck<T> {
     async fn check(&mut self, cluster: &SimCluster) -> Option<T>;
+
+    /// What kept the last check from passing, when the check can say.
+    fn blocker(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// The node is running and answers.
@@ -138,34 +143,81 @@ impl AsyncCheck<()> for Removed {
 }
 
 /// See [`SimCluster::migrations_settled`].
-pub(super) struct Settled;
+#[derive(Default)]
+pub(super) struct Settled {
+    /// What kept the last check from passing, for the failure message.
+    blocker: String,
+}
 impl AsyncCheck<()> for Settled {
     async fn check(&mut self, c: &SimCluster) -> Option<()> {
-        let node = c.node(*c.up_nodes().first()?)?;
-        let state = node.metadata().await.ok()?;
-        if state
+        match self.first_blocker(c).await {
+            Some(blocker) => {
+                self.blocker = blocker;
+                None
+            }
+            None => Some(()),
+        }
+    }
+
+    fn blocker(&self) -> Option<&str> {
+        Some(self.blocker.as_str()).filter(|b| !b.is_empty())
+    }
+}
+
+impl Settled {
+    /// The first thing found unsettled, or `None` when all is.
+    async fn first_blocker(&self, c: &SimCluster) -> Option<String> {
+        let Some(&first) = c.up_nodes().first() else {
+            return Some("no node is up".into());
+        };
+        let Some(node) = c.node(first) else {
+            return Some(format!("{first} is not running"));
+        };
+        let state = match node.metadata().await {
+            Ok(state) => state,
+            Err(e) => return Some(format!("{first} did not give its metadata: {e}")),
+        };
+        if let Some(row) = state
             .migrations
             .values()
-            .any(|row| row.phase != MigrationPhaseTag::Complete)
+            .find(|row| row.phase != MigrationPhaseTag::Complete)
         {
-            return None;
+            return Some(format!(
+                "migration {} is at phase {:?}, attempt {}",
+                row.migration_id, row.phase, row.attempt
+            ));
         }
-        if state.routing.ghosts().next().is_some() {
-            return None;
+        if let Some(ghost) = state.routing.ghosts().next() {
+            return Some(format!("routing keeps a ghost stub: {ghost:?}"));
         }
         for id in c.up_nodes() {
-            let status = c.node(id)?.status().await.ok()?;
+            let Some(node) = c.node(id) else {
+                return Some(format!("{id} is not running"));
+            };
+            let status = match node.status().await {
+                Ok(status) => status,
+                Err(e) => return Some(format!("{id} did not give its status: {e}")),
+            };
             for view in status.groups.iter().filter(|g| !g.group.is_metadata()) {
+                if !view.unsettled.is_empty() {
+                    return Some(format!(
+                        "{id}'s replica of {} has unsettled gates {:?}",
+                        view.group, view.unsettled
+                    ));
+                }
                 let listed = state
                     .routing
                     .group(view.group)
                     .is_some_and(|r| r.is_member(id));
-                if !view.unsettled.is_empty() || !listed {
-                    return None;
+                if !listed {
+                    return Some(format!(
+                        "{id} has a replica of {}, which routing does not list on it",
+                        view.group
+                    ));
                 }
             }
         }
-        Some(())
+        None
     }
 }
 

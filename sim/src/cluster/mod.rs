@@ -287,8 +287,12 @@ impl SimCluster {
                 return Ok(value);
             }
             if Instant::now() >= deadline {
+                let blocker = check
+                    .blocker()
+                    .map(|b| format!(" (last check: {b})"))
+                    .unwrap_or_default();
                 return Err(format!(
-                    "seed {}: not reached within {} s of simulated time: {what}",
+                    "seed {}: not reached within {} s of simulated time: {what}{blocker}",
                     self.swarm.seed,
                     bound.as_secs()
                 ));
@@ -516,7 +520,7 @@ impl SimCluster {
         self.until(
             LIVENESS_BOUND,
             "migrations to settle without leaks",
-            Settled,
+            Settled::default(),
         )
         .await
         .map_err(|e| format!("migration completeness: {e}"))
