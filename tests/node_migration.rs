@@ -356,6 +356,38 @@ async fn decommission_moves_every_replica_off_and_retires_the_node() {
     decommission_and_check(&c, n(2)).await;
 }
 
+/// A node that was away while it was decommissioned (partitioned off, or
+/// paused) never saw group 0 retire it: it left group 0's configuration
+/// as well, so no leader sends it the entries that say so. It must learn
+/// it from its peers when it returns and delete its replicas, or their
+/// data stays on it for good (seed 10737 of the sweep: a node paused for
+/// half a minute).
+#[tokio::test]
+async fn a_node_decommissioned_while_away_deletes_its_replicas_when_it_returns() {
+    let mut c = Cluster::form(3).await;
+    c.await_replication(3).await;
+    join_active(&mut c, n(4)).await;
+    let away = n(2);
+    c.net.isolate(away);
+    decommission_and_check(&c, away).await;
+    eventually("the node to leave group 0's configuration", || async {
+        let status = c.node(n(1)).status().await.ok()?;
+        let g0 = status.groups.iter().find(|g| g.group.is_metadata())?;
+        let listed = [&g0.voters, &g0.voters_outgoing, &g0.learners]
+            .iter()
+            .any(|nodes| nodes.contains(&away));
+        (!listed).then_some(())
+    })
+    .await;
+    let status = c.node(away).status().await.unwrap();
+    assert!(
+        status.groups.iter().any(|g| !g.group.is_metadata()),
+        "the node kept its replicas while it was away"
+    );
+    c.net.heal_all();
+    settled(&c).await;
+}
+
 /// The usual reason to decommission a node is that it died. A dead node
 /// that answers nothing (a hung process, a black-holed network) makes every
 /// call to it wait out the request timeout (10 s here, more than half of

@@ -64,6 +64,7 @@ pub const ALL: &[&str] = &[
     "migration.vshard_reassigned",
     "node.forwarded_batch",
     "node.group_fail_stopped",
+    "node.learned_retired",
     "node.metadata_from_snapshot",
     "node.proposal_timed_out",
     "node.read_lost_leadership",

@@ -137,6 +137,7 @@ impl Runtime {
             Command::DestroyReplica { group } => {
                 self.destroy_replica(group);
             }
+            Command::Retired => self.on_retired(),
             Command::Read {
                 vshard,
                 query,

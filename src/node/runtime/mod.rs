@@ -14,6 +14,7 @@ mod commands;
 mod peers;
 mod reads;
 mod reconcile;
+mod retirement;
 mod status;
 
 use crate::core::cache::{Bootstrap, MetadataCache};
@@ -89,6 +90,9 @@ pub(crate) enum Command {
     DestroyReplica {
         group: GroupId,
     },
+    /// A peer's metadata says group 0 retired this node while it was away
+    /// (see `retirement`).
+    Retired,
     ReadMetadata {
         reply: oneshot::Sender<Result<Box<crate::core::cache::MetadataState>, NodeError>>,
     },
@@ -190,6 +194,12 @@ pub(crate) struct Runtime {
     liveness: Liveness,
     /// The metadata applied index the last reconciliation saw.
     reconciled_metadata: Option<u64>,
+    /// A peer said group 0 retired this node, which this node's own replica
+    /// of group 0 may never learn (see `retirement`).
+    retired: bool,
+    /// Since when, or since the last question to peers, this node's replica
+    /// of group 0 has had no leader.
+    leaderless_since: Option<Instant>,
 }
 
 /// Why a node could not start.
@@ -252,6 +262,8 @@ impl Runtime {
             topology_inflight: Vec::new(),
             liveness: Liveness::new(ping_interval),
             reconciled_metadata: None,
+            retired: false,
+            leaderless_since: None,
         };
         let persisted = runtime.engine.persisted_groups()?;
         if !persisted.is_empty() {

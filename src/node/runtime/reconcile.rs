@@ -3,6 +3,7 @@
 //! deletes replicas that left their group, and, on the group-0 leader,
 //! proposes the topology, placement and token steps that are due.
 
+use super::retirement::retired_in;
 use super::{
     take_where, Command, Runtime, CATCH_UP_LAG, DESTROY_CHECK_INTERVAL, MAX_METADATA_VOTERS,
 };
@@ -21,6 +22,7 @@ impl Runtime {
     /// Makes this node host what routing says it hosts, and, where it leads,
     /// moves each group's Raft membership one step towards what group 0 wants.
     pub(super) fn reconcile(&mut self) {
+        self.check_retirement();
         let Some(cache) = &self.metadata else {
             return;
         };
@@ -36,11 +38,9 @@ impl Runtime {
         // A decommissioned (or since removed) node has left every data
         // group's configuration: decommission finishes only once every
         // replica has moved off. Its peers may no longer answer it, so it
-        // asks none of them.
-        let retired = state
-            .topology
-            .get(self.me)
-            .is_none_or(|info| info.state == crate::core::topology::NodeState::Decommissioned);
+        // asks none of them. One that was away meanwhile learns it from its
+        // peers, its own routing being stale for good (`retirement`).
+        let retired = self.retired || retired_in(state, self.me);
         // Replicas routing no longer lists, with the voters to ask whether
         // the replica has left the group's Raft configuration.
         let removed: Vec<(GroupId, Vec<NodeId>)> = self
@@ -48,8 +48,8 @@ impl Runtime {
             .groups()
             .filter(|&g| !g.is_metadata())
             .filter_map(|g| match state.routing.group(g) {
+                _ if retired => Some((g, Vec::new())),
                 Some(route) if route.is_member(self.me) => None,
-                Some(_) if retired => Some((g, Vec::new())),
                 Some(route) => Some((g, route.voters.clone())),
                 None => Some((g, Vec::new())),
             })
@@ -62,7 +62,7 @@ impl Runtime {
         self.reconciled_metadata = Some(cache.applied_index());
         for (group, route) in state.routing.groups() {
             let member = route.voters.contains(&self.me) || route.learners.contains(&self.me);
-            if member && !self.engine.hosts(group) {
+            if member && !retired && !self.engine.hosts(group) {
                 to_host.push(group);
             }
             if !fresh && self.engine.status(group).is_some_and(|s| s.asleep) {
@@ -197,14 +197,16 @@ impl Runtime {
     }
 
     /// Deletes this node's replica of `group`, if routing still does not
-    /// list it (a move back may have re-added it since the check).
+    /// list it (a move back may have re-added it since the check) or the
+    /// node was retired (its routing may be stale for good).
     pub(super) fn destroy_replica(&mut self, group: GroupId) {
-        let listed = self.metadata.as_ref().is_none_or(|c| {
-            c.state()
-                .routing
-                .group(group)
-                .is_some_and(|r| r.is_member(self.me))
-        });
+        let listed = !self.retired
+            && self.metadata.as_ref().is_none_or(|c| {
+                c.state()
+                    .routing
+                    .group(group)
+                    .is_some_and(|r| r.is_member(self.me))
+            });
         if listed || !self.engine.hosts(group) {
             return;
         }
