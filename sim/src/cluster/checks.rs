@@ -125,7 +125,11 @@ impl AsyncCheck<Option<String>> for Readable {
 
 /// The node has left the topology, or the other active nodes are too few to
 /// take its replicas (it then stays, dead, in its groups).
-pub(super) struct Removed(pub(super) NodeId);
+pub(super) struct Removed {
+    pub(super) node: NodeId,
+    /// The node's state at the last check, for the failure message.
+    pub(super) last_seen: String,
+}
 impl AsyncCheck<()> for Removed {
     async fn check(&mut self, c: &SimCluster) -> Option<()> {
         let node = c.node(*c.up_nodes().first()?)?;
@@ -133,12 +137,26 @@ impl AsyncCheck<()> for Removed {
         let others = state
             .topology
             .nodes()
-            .filter(|(id, info)| *id != self.0 && matches!(info.state, NodeState::Active(_)))
+            .filter(|(id, info)| *id != self.node && matches!(info.state, NodeState::Active(_)))
             .count();
-        let stays = state.topology.get(self.0).is_some_and(|info| {
+        let info = state.topology.get(self.node);
+        self.last_seen = match info {
+            Some(info) => format!(
+                "{} is {}, with replicas in {:?}",
+                self.node,
+                info.state,
+                state.routing.groups_of_node(self.node)
+            ),
+            None => format!("{} is gone", self.node),
+        };
+        let stays = info.is_some_and(|info| {
             matches!(info.state, NodeState::Active(_)) && others < c.swarm.replication_factor
         });
-        (state.topology.get(self.0).is_none() || stays).then_some(())
+        (info.is_none() || stays).then_some(())
+    }
+
+    fn blocker(&self) -> Option<&str> {
+        Some(self.last_seen.as_str()).filter(|b| !b.is_empty())
     }
 }
 

@@ -240,7 +240,10 @@ impl SimCluster {
             self.until(
                 REPLACEMENT_BOUND,
                 &format!("{id}, lost with its disk, to be decommissioned and removed"),
-                Removed(id),
+                Removed {
+                    node: id,
+                    last_seen: String::new(),
+                },
             )
             .await?;
         }
