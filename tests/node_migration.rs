@@ -388,6 +388,39 @@ async fn a_node_decommissioned_while_away_deletes_its_replicas_when_it_returns()
     settled(&c).await;
 }
 
+/// A decommission ends with two entries, `FinishDecommission` and `Leave`.
+/// A coordinator that dies between them leaves the node decommissioned but
+/// still in the topology, and its successor must finish the job (seed 11303
+/// of the sweep: never finished). The batch below commits the first entry
+/// alone, as such a coordinator would have: node 4 holds no replicas, since
+/// every group already had its three.
+#[tokio::test]
+async fn a_decommission_interrupted_before_its_leave_is_finished() {
+    use keel::core::entry::{BatchEntries, MetadataEntry};
+    use keel::core::topology::TopologyChange;
+    let mut c = Cluster::form(3).await;
+    c.await_replication(3).await;
+    join_active(&mut c, n(4)).await;
+    let state = c.node(n(1)).metadata().await.unwrap();
+    assert!(state.routing.groups_of_node(n(4)).is_empty());
+    let finished = MetadataEntry::Batch {
+        entries: BatchEntries(vec![
+            MetadataEntry::TopologyChange(TopologyChange::StartDecommission { node_id: n(4) }),
+            MetadataEntry::TopologyChange(TopologyChange::FinishDecommission { node_id: n(4) }),
+        ]),
+    };
+    let committed = c.node(n(1)).propose_metadata(finished).await.unwrap();
+    assert!(matches!(
+        committed.outcome,
+        keel::node::rpc::Outcome::Metadata(None)
+    ));
+    eventually("the decommissioned node to leave the topology", || async {
+        let state = c.node(n(1)).metadata().await.ok()?;
+        (state.topology.get(n(4)).is_none() && state.topology.is_retired(n(4))).then_some(())
+    })
+    .await;
+}
+
 /// The usual reason to decommission a node is that it died. A dead node
 /// that answers nothing (a hung process, a black-holed network) makes every
 /// call to it wait out the request timeout (10 s here, more than half of

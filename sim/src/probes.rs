@@ -13,6 +13,7 @@ use tracing_subscriber::layer::{Context, Layer};
 /// `probe!` calls in keel's sources.
 pub const ALL: &[&str] = &[
     "decommission.finished",
+    "decommission.leave_resumed",
     "decommission.move_started",
     "decommission.waiting_for_safe_move",
     "io.database_damaged",

@@ -142,12 +142,23 @@ impl Housekeeper {
     /// Moves replicas off draining nodes, a few at a time, and retires a
     /// drained node.
     async fn decommission(&self, state: &crate::core::cache::MetadataState) {
-        let draining: Vec<NodeId> = state
-            .topology
-            .nodes()
-            .filter(|(_, info)| info.state == NodeState::Draining)
-            .map(|(node, _)| node)
-            .collect();
+        let in_state = |wanted: NodeState| -> Vec<NodeId> {
+            state
+                .topology
+                .nodes()
+                .filter(|(_, info)| info.state == wanted)
+                .map(|(node, _)| node)
+                .collect()
+        };
+        // Decommissioned but still in the topology: the coordinator that
+        // finished the decommission died, or lost group 0, before the
+        // `Leave` (simulator seed 11303).
+        for node in in_state(NodeState::Decommissioned) {
+            crate::probe!("decommission.leave_resumed");
+            self.retire(node, &[TopologyChange::Leave { node_id: node }])
+                .await;
+        }
+        let draining = in_state(NodeState::Draining);
         if draining.is_empty() {
             return;
         }
@@ -160,18 +171,11 @@ impl Housekeeper {
         let mut budget = self.config.max_in_flight.saturating_sub(in_flight);
         for node in draining {
             if state.routing.groups_of_node(node).is_empty() {
-                for change in [
+                let changes = [
                     TopologyChange::FinishDecommission { node_id: node },
                     TopologyChange::Leave { node_id: node },
-                ] {
-                    if commit(&self.node, MetadataEntry::TopologyChange(change))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-                crate::probe!("decommission.finished");
+                ];
+                self.retire(node, &changes).await;
                 continue;
             }
             let view = ClusterView::new(state, &live);
@@ -193,5 +197,19 @@ impl Housekeeper {
                 }
             }
         }
+    }
+
+    /// Commits `changes`, the last steps of `node`'s decommission, in order,
+    /// stopping at the first that fails (the next round tries again from
+    /// the state it left).
+    async fn retire(&self, node: NodeId, changes: &[TopologyChange]) {
+        for change in changes {
+            let entry = MetadataEntry::TopologyChange(change.clone());
+            if let Err(e) = commit(&self.node, entry).await {
+                tracing::debug!(%node, error = %e, "decommission step failed; retrying");
+                return;
+            }
+        }
+        crate::probe!("decommission.finished");
     }
 }
