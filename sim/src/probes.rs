@@ -80,6 +80,7 @@ pub const ALL: &[&str] = &[
     "raft.snapshot_delivered",
     "raft.snapshot_failed",
     "raft.snapshot_taken",
+    "raft.vote_refused_uninitialized",
     "raft.woken_by_silent_leader",
     "replica.destroyed",
     "routing.gate_refused_write",

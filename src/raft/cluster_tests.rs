@@ -656,3 +656,25 @@ fn a_restarted_follower_finds_a_sleeping_leader() {
     });
     assert_eq!(c.leader(G), Some(leader), "no new election was needed");
 }
+
+/// A replica that never heard from a leader knows no log, so it must not
+/// grant votes: its node may have held the group before, and a peer with a
+/// stale configuration that still counts that node could win with a vote
+/// the old replica would have refused (simulator seed 14260).
+#[test]
+fn a_replica_without_a_log_grants_no_vote() {
+    let mut c = Cluster::new(3, EngineConfig::default());
+    c.put(G, "k", "v");
+    c.add_empty_node(n(4));
+    for msg_type in [MessageType::MsgRequestPreVote, MessageType::MsgRequestVote] {
+        let mut request = raft::prelude::Message::default();
+        request.set_msg_type(msg_type);
+        request.from = 1;
+        request.to = 4;
+        request.term = 100;
+        c.node(n(4)).engine.step(G, request).unwrap();
+        let status = c.node(n(4)).engine.status(G).unwrap();
+        assert_eq!(status.term, 0, "{msg_type:?} was not ignored: {status:?}");
+        assert!(!c.node(n(4)).engine.has_work(), "{msg_type:?} was answered");
+    }
+}

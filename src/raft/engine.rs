@@ -442,6 +442,18 @@ impl Engine {
     pub fn step(&mut self, group: GroupId, message: Message) -> Result<(), EngineError> {
         self.touch(group);
         let g = self.group_mut(group)?;
+        if is_vote_request(&message) && !initialized(&g.raw) {
+            // A replica that never heard from a leader knows no log, so
+            // raft-rs would grant any candidate its vote. The node may have
+            // held this group before, been removed and deleted its replica:
+            // a peer with a stale configuration that still counts this node
+            // could then win with a vote the old replica would have refused,
+            // over entries committed without that peer (simulator seed
+            // 14260: two leaders with conflicting committed logs). Such a
+            // replica votes only once a leader has given it a log.
+            crate::probe!("raft.vote_refused_uninitialized");
+            return Ok(());
+        }
         if !matches!(
             message.get_msg_type(),
             MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
@@ -777,6 +789,21 @@ impl Engine {
         }
         Ok(round)
     }
+}
+
+fn is_vote_request(message: &Message) -> bool {
+    matches!(
+        message.get_msg_type(),
+        MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+    )
+}
+
+/// Whether the replica has a configuration: bootstrapped, or given a log
+/// or snapshot by a leader. A replica created for a join or a move has none
+/// until then.
+fn initialized(raw: &RawNode<GroupStorage>) -> bool {
+    let conf = raw.raft.prs().conf().to_conf_state();
+    !(conf.voters.is_empty() && conf.learners.is_empty())
 }
 
 /// Whether a group has nothing to do but wait (see the module docs).
