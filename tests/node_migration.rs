@@ -367,9 +367,45 @@ async fn a_node_decommissioned_while_away_deletes_its_replicas_when_it_returns()
     let mut c = Cluster::form(3).await;
     c.await_replication(3).await;
     join_active(&mut c, n(4)).await;
-    let away = n(2);
+    decommission_while_away(&c, n(2)).await;
+}
+
+/// The same for a learner of group 0 (a sixth node: group 0 has at most
+/// five voters). A learner never campaigns, so it keeps naming the leader
+/// that stopped talking to it; it must notice the silence instead.
+#[tokio::test]
+async fn a_group_0_learner_decommissioned_while_away_deletes_its_replicas() {
+    let mut c = Cluster::form(3).await;
+    c.await_replication(3).await;
+    for id in 4..=6 {
+        join_active(&mut c, n(id)).await;
+    }
+    let planned = PlannedMove::Replica {
+        group: GroupId(1),
+        source: n(1),
+        target: n(6),
+    };
+    let id = start_move(c.node(n(1)), planned).await.unwrap();
+    assert!(
+        finished(c.node(n(1)), id).await.is_some(),
+        "the move completed"
+    );
+    let g0 = c
+        .node(n(1))
+        .group(GroupId::METADATA)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(g0.learners.contains(&n(6)), "node 6 learns group 0: {g0:?}");
+    decommission_while_away(&c, n(6)).await;
+}
+
+/// Cuts `away` off, decommissions it, waits until it left group 0's
+/// configuration too, then lets it back and waits until it holds only what
+/// routing gives it: nothing.
+async fn decommission_while_away(c: &Cluster, away: NodeId) {
     c.net.isolate(away);
-    decommission_and_check(&c, away).await;
+    decommission_and_check(c, away).await;
     eventually("the node to leave group 0's configuration", || async {
         let status = c.node(n(1)).status().await.ok()?;
         let g0 = status.groups.iter().find(|g| g.group.is_metadata())?;
@@ -385,7 +421,7 @@ async fn a_node_decommissioned_while_away_deletes_its_replicas_when_it_returns()
         "the node kept its replicas while it was away"
     );
     c.net.heal_all();
-    settled(&c).await;
+    settled(c).await;
 }
 
 /// A decommission ends with two entries, `FinishDecommission` and `Leave`.

@@ -197,9 +197,9 @@ pub(crate) struct Runtime {
     /// A peer said group 0 retired this node, which this node's own replica
     /// of group 0 may never learn (see `retirement`).
     retired: bool,
-    /// Since when, or since the last question to peers, this node's replica
-    /// of group 0 has had no leader.
-    leaderless_since: Option<Instant>,
+    /// Since when, or since the last question to peers, this node has been
+    /// cut off from group 0's leader (see `retirement`).
+    cut_off_since: Option<Instant>,
 }
 
 /// Why a node could not start.
@@ -263,7 +263,7 @@ impl Runtime {
             liveness: Liveness::new(ping_interval),
             reconciled_metadata: None,
             retired: false,
-            leaderless_since: None,
+            cut_off_since: None,
         };
         let persisted = runtime.engine.persisted_groups()?;
         if !persisted.is_empty() {

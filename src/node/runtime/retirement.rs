@@ -8,9 +8,12 @@
 //! their data, for good (simulator seed 10737: a node paused for half a
 //! minute).
 //!
-//! So a node whose replica of group 0 has had no leader for
-//! [`RETIREMENT_CHECK_INTERVAL`] asks its peers for the metadata state, read
-//! linearizably at the group-0 leader, and once per interval after that.
+//! So a node whose replica of group 0 has had no leader, or has not heard
+//! from the node it takes for the leader, for [`RETIREMENT_CHECK_INTERVAL`]
+//! asks its peers for the metadata state, read linearizably at the group-0
+//! leader, and once per interval after that. (A voter of group 0 left
+//! behind loses its leader at its next election timeout; a learner never
+//! campaigns, so it keeps naming the leader that stopped talking to it.)
 //! Retirement is final (a decommissioned node's id is never reused), so an
 //! answer that says this node is decommissioned or gone holds for good;
 //! the reconciler then deletes every data-group replica here. Like etcd's
@@ -28,8 +31,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How long group 0 must have been leaderless here before the node asks
-/// its peers whether it was retired, and how often it asks again.
+/// How long this node must have been cut off from group 0's leader before
+/// it asks its peers whether it was retired, and how often it asks again.
 pub(super) const RETIREMENT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 /// The longest one question to a peer may take: the check runs again a
@@ -37,25 +40,28 @@ pub(super) const RETIREMENT_CHECK_INTERVAL: Duration = Duration::from_secs(2);
 const ASK_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Runtime {
-    /// On every reconciliation: while this node's replica of group 0 has no
+    /// On every reconciliation: while this node is cut off from group 0's
     /// leader, asks its peers, once per [`RETIREMENT_CHECK_INTERVAL`],
     /// whether group 0 retired it. A peer that says so sends
     /// [`Command::Retired`].
     pub(super) fn check_retirement(&mut self) {
-        let leaderless = self
+        let now = Instant::now();
+        let cut_off = self
             .engine
             .status(GroupId::METADATA)
-            .is_some_and(|s| s.leader.is_none());
-        if self.retired || !leaderless {
-            self.leaderless_since = None;
+            .is_some_and(|s| match s.leader {
+                None => true,
+                Some(leader) => leader != self.me && !self.liveness.reachable(leader, now),
+            });
+        if self.retired || !cut_off {
+            self.cut_off_since = None;
             return;
         }
-        let now = Instant::now();
-        let since = *self.leaderless_since.get_or_insert(now);
+        let since = *self.cut_off_since.get_or_insert(now);
         if now < since + RETIREMENT_CHECK_INTERVAL {
             return;
         }
-        self.leaderless_since = Some(now);
+        self.cut_off_since = Some(now);
         let Some(cache) = &self.metadata else {
             return;
         };
