@@ -95,7 +95,7 @@ impl AsyncCheck<()> for GroupsReplicated {
 pub(super) struct Writable(pub(super) String);
 impl AsyncCheck<()> for Writable {
     async fn check(&mut self, c: &SimCluster) -> Option<()> {
-        let node = c.node(*c.up_nodes().first()?)?;
+        let node = c.entry().await?;
         let command = KvCommand::Put {
             key: self.0.as_bytes().to_vec(),
             value: b"live".to_vec(),
@@ -115,7 +115,7 @@ impl AsyncCheck<()> for Writable {
 pub(super) struct Readable(pub(super) String);
 impl AsyncCheck<Option<String>> for Readable {
     async fn check(&mut self, c: &SimCluster) -> Option<Option<String>> {
-        let node = c.node(*c.up_nodes().first()?)?;
+        let node = c.entry().await?;
         match execute(&node, &self.0, &Op::Get).await {
             HistoryOutcome::Ok(value) => Some(value),
             _ => None,
@@ -132,7 +132,7 @@ pub(super) struct Removed {
 }
 impl AsyncCheck<()> for Removed {
     async fn check(&mut self, c: &SimCluster) -> Option<()> {
-        let node = c.node(*c.up_nodes().first()?)?;
+        let node = c.entry().await?;
         let state = node.metadata().await.ok()?;
         let others = state
             .topology
@@ -185,15 +185,12 @@ impl AsyncCheck<()> for Settled {
 impl Settled {
     /// The first thing found unsettled, or `None` when all is.
     async fn first_blocker(&self, c: &SimCluster) -> Option<String> {
-        let Some(&first) = c.up_nodes().first() else {
-            return Some("no node is up".into());
-        };
-        let Some(node) = c.node(first) else {
-            return Some(format!("{first} is not running"));
+        let Some(node) = c.entry().await else {
+            return Some("no running node is active in the group-0 leader's topology".into());
         };
         let state = match node.metadata().await {
             Ok(state) => state,
-            Err(e) => return Some(format!("{first} did not give its metadata: {e}")),
+            Err(e) => return Some(format!("{} did not give its metadata: {e}", node.id())),
         };
         if let Some(row) = state
             .migrations
@@ -244,7 +241,7 @@ pub(super) struct Converged(pub(super) GroupId);
 impl AsyncCheck<Vec<(NodeId, Vec<u8>)>> for Converged {
     async fn check(&mut self, c: &SimCluster) -> Option<Vec<(NodeId, Vec<u8>)>> {
         let mut states = Vec::new();
-        let node = c.node(*c.up_nodes().first()?)?;
+        let node = c.entry().await?;
         let state = node.metadata().await.ok()?;
         for id in c.up_nodes() {
             // Only current members must converge: a decommissioned node

@@ -15,6 +15,7 @@ use crate::swarm::Swarm;
 use keel::core::ids::{GroupId, NodeId, VShardId};
 use keel::core::migration::MigrationPhaseTag;
 use keel::core::token::JoinToken;
+use keel::core::topology::NodeState;
 use keel::node::migrate::CrashPoint;
 use keel::node::service::{Caller, ClientRequest, ClientResponse};
 use keel::node::Node;
@@ -271,6 +272,35 @@ impl SimCluster {
             .filter(|(id, s)| s.up && !s.paused && !self.is_lost(**id))
             .map(|(&id, _)| id)
             .collect()
+    }
+
+    /// The node the checks talk to, as an operator's client would: the
+    /// first running node that the group-0 leader's topology lists as
+    /// active. A node decommissioned while it was away keeps running on a
+    /// view of the cluster that stopped changing, and requests sent to it
+    /// go where routing pointed long ago (seeds 14514 and 14589: the
+    /// liveness checks asked such a node, and timed out for good).
+    async fn entry(&self) -> Option<Node> {
+        let up = self.up_nodes();
+        let mut leader: Option<(u64, Node)> = None;
+        for &id in &up {
+            let Some(node) = self.node(id) else { continue };
+            let Ok(Some(view)) = node.group(GroupId::METADATA).await else {
+                continue;
+            };
+            if view.is_leader && leader.as_ref().is_none_or(|(term, _)| view.term > *term) {
+                leader = Some((view.term, node));
+            }
+        }
+        let state = leader?.1.metadata_local().await.ok()?;
+        up.into_iter()
+            .filter(|&id| {
+                state
+                    .topology
+                    .get(id)
+                    .is_some_and(|info| matches!(info.state, NodeState::Active(_)))
+            })
+            .find_map(|id| self.node(id))
     }
 
     fn is_lost(&self, id: NodeId) -> bool {
@@ -735,6 +765,13 @@ impl SimCluster {
     /// failure messages.
     async fn replica_summary(&self, group: GroupId) -> String {
         let mut parts = Vec::new();
+        if let Some(node) = self.entry().await {
+            let route = match node.metadata().await {
+                Ok(state) => format!("{:?}", state.routing.group(group)),
+                Err(e) => format!("unknown ({e})"),
+            };
+            parts.push(format!("{}'s route: {route}", node.id()));
+        }
         for id in self.up_nodes() {
             let Some(node) = self.node(id) else { continue };
             let view = node.group(group).await.ok().flatten();
