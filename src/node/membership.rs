@@ -63,10 +63,16 @@ fn ids(raw: &[u64]) -> BTreeSet<NodeId> {
 
 /// The next membership change the leader `me` should propose, if any. An
 /// empty vector means "leave the joint configuration".
+///
+/// A learner is promoted only once `caught_up` says it holds the leader's
+/// log: a voter that has none grants no vote (`raft::engine`), so a group
+/// that promoted an empty replica could not elect a leader again until it
+/// had one (simulator seed 89: a group of two, its leader restarted).
 pub fn next_change(
     current: &ConfState,
     wanted: &Wanted,
     me: NodeId,
+    caught_up: impl Fn(NodeId) -> bool,
 ) -> Option<Vec<(ConfChangeType, NodeId)>> {
     if !current.get_voters_outgoing().is_empty() {
         return Some(Vec::new());
@@ -86,10 +92,14 @@ pub fn next_change(
     {
         return Some(vec![(ConfChangeType::AddLearnerNode, new)]);
     }
-    let mut changes: Vec<_> = wanted
-        .voters
-        .intersection(&learners)
-        .map(|&n| (ConfChangeType::AddNode, n))
+    let promoted: Vec<NodeId> = wanted.voters.intersection(&learners).copied().collect();
+    if !promoted.iter().all(|&n| caught_up(n)) {
+        // The demotions wait too: a move promotes and demotes together.
+        return None;
+    }
+    let mut changes: Vec<_> = promoted
+        .into_iter()
+        .map(|n| (ConfChangeType::AddNode, n))
         .collect();
     // Voters to demote: wanted as learners, or not wanted at all — a voter
     // leaves as a learner first, so that the replica being removed has
@@ -141,29 +151,54 @@ mod tests {
         let target = wanted(&[1, 2, 4], &[3]);
         // New replicas join as learners first, one at a time.
         assert_eq!(
-            next_change(&conf(&[1, 2, 3], &[], &[]), &target, me),
+            next_change(&conf(&[1, 2, 3], &[], &[]), &target, me, |_| true),
             Some(vec![(AddLearnerNode, n(4))])
         );
         // Then promotion and demotion together: a joint change.
         assert_eq!(
-            next_change(&conf(&[1, 2, 3], &[4], &[]), &target, me),
+            next_change(&conf(&[1, 2, 3], &[4], &[]), &target, me, |_| true),
             Some(vec![(AddNode, n(4)), (AddLearnerNode, n(3))])
         );
         // A joint configuration is always left first.
         assert_eq!(
-            next_change(&conf(&[1, 2, 4], &[], &[1, 2, 3]), &target, me),
+            next_change(&conf(&[1, 2, 4], &[], &[1, 2, 3]), &target, me, |_| true),
             Some(vec![])
         );
-        assert_eq!(next_change(&conf(&[1, 2, 4], &[3], &[]), &target, me), None);
+        assert_eq!(
+            next_change(&conf(&[1, 2, 4], &[3], &[]), &target, me, |_| true),
+            None
+        );
         // Unwanted replicas are removed last.
         assert_eq!(
-            next_change(&conf(&[1, 2, 4], &[3], &[]), &wanted(&[1, 2, 4], &[]), me),
+            next_change(
+                &conf(&[1, 2, 4], &[3], &[]),
+                &wanted(&[1, 2, 4], &[]),
+                me,
+                |_| true
+            ),
             Some(vec![(RemoveNode, n(3))])
         );
         // An unwanted voter is demoted before it is removed.
         assert_eq!(
-            next_change(&conf(&[1, 2, 3, 4], &[], &[]), &wanted(&[1, 2, 4], &[]), me),
+            next_change(
+                &conf(&[1, 2, 3, 4], &[], &[]),
+                &wanted(&[1, 2, 4], &[]),
+                me,
+                |_| true
+            ),
             Some(vec![(AddLearnerNode, n(3))])
+        );
+    }
+
+    #[test]
+    fn a_learner_is_promoted_only_once_it_caught_up() {
+        let me = n(1);
+        let target = wanted(&[1, 2, 4], &[3]);
+        let current = conf(&[1, 2, 3], &[4], &[]);
+        assert_eq!(next_change(&current, &target, me, |id| id != n(4)), None);
+        assert_eq!(
+            next_change(&current, &target, me, |_| true),
+            Some(vec![(AddNode, n(4)), (AddLearnerNode, n(3))])
         );
     }
 
@@ -171,11 +206,21 @@ mod tests {
     fn the_leader_is_never_demoted_or_removed_by_itself() {
         let me = n(1);
         assert_eq!(
-            next_change(&conf(&[1, 2, 3], &[], &[]), &wanted(&[2, 3], &[1]), me),
+            next_change(
+                &conf(&[1, 2, 3], &[], &[]),
+                &wanted(&[2, 3], &[1]),
+                me,
+                |_| true
+            ),
             None
         );
         assert_eq!(
-            next_change(&conf(&[1, 2, 3], &[], &[]), &wanted(&[2, 3], &[]), me),
+            next_change(
+                &conf(&[1, 2, 3], &[], &[]),
+                &wanted(&[2, 3], &[]),
+                me,
+                |_| true
+            ),
             None
         );
     }
@@ -183,7 +228,7 @@ mod tests {
     #[test]
     fn an_empty_wanted_voter_set_is_never_acted_on() {
         assert_eq!(
-            next_change(&conf(&[1, 2], &[], &[]), &wanted(&[], &[]), n(1)),
+            next_change(&conf(&[1, 2], &[], &[]), &wanted(&[], &[]), n(1), |_| true),
             None
         );
     }

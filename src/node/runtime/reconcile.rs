@@ -122,7 +122,13 @@ impl Runtime {
                     let _ = self.engine.transfer_leader(group, successor);
                 }
             }
-            if let Some(changes) = next_change(&current, &wanted, self.me) {
+            let commit = self.engine.status(group).map_or(u64::MAX, |s| s.commit);
+            let caught_up = |peer: NodeId| {
+                self.engine
+                    .matched(group, peer)
+                    .is_some_and(|m| m > 0 && m + CATCH_UP_LAG >= commit)
+            };
+            if let Some(changes) = next_change(&current, &wanted, self.me, caught_up) {
                 match changes.len() {
                     0 => crate::probe!("membership.leave_joint"),
                     1 => crate::probe!("membership.simple_change"),
