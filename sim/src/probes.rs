@@ -173,6 +173,86 @@ pub fn check_election_safety() -> Result<usize, String> {
     Ok(elections.len())
 }
 
+/// An entry as the first replica to apply it saw it.
+#[derive(Clone, Copy)]
+struct FirstApplied {
+    term: u64,
+    /// CRC32C of the entry's data.
+    crc: u64,
+    node: u64,
+}
+
+/// Every entry applied in this run, by (group, index).
+static APPLIED: Mutex<BTreeMap<(u64, u64), FirstApplied>> = Mutex::new(BTreeMap::new());
+/// The first disagreement seen: two replicas applied different entries at
+/// one index.
+static APPLIED_CONFLICT: Mutex<Option<String>> = Mutex::new(None);
+
+/// Records keel's `keel_event` applied entries.
+pub struct AppliedLayer;
+
+#[derive(Default)]
+struct Applied {
+    group: Option<u64>,
+    index: Option<u64>,
+    term: Option<u64>,
+    crc: Option<u64>,
+    node: Option<u64>,
+}
+
+impl Visit for Applied {
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        match field.name() {
+            "group" => self.group = Some(value),
+            "index" => self.index = Some(value),
+            "term" => self.term = Some(value),
+            "crc" => self.crc = Some(value),
+            "node" => self.node = Some(value),
+            _ => {}
+        }
+    }
+    fn record_debug(&mut self, _field: &Field, _value: &dyn std::fmt::Debug) {}
+}
+
+impl<S: Subscriber> Layer<S> for AppliedLayer {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let mut a = Applied::default();
+        event.record(&mut a);
+        let (Some(group), Some(index), Some(term), Some(crc), Some(node)) =
+            (a.group, a.index, a.term, a.crc, a.node)
+        else {
+            return;
+        };
+        let mut applied = APPLIED.lock().unwrap_or_else(|e| e.into_inner());
+        let first = *applied
+            .entry((group, index))
+            .or_insert(FirstApplied { term, crc, node });
+        if (first.term, first.crc) != (term, crc) {
+            let mut conflict = APPLIED_CONFLICT.lock().unwrap_or_else(|e| e.into_inner());
+            conflict.get_or_insert_with(|| {
+                format!(
+                    "state-machine safety: group g{group} applied two entries at index {index}: \
+                     term {} (data crc {:08x}) on n{}, term {term} (data crc {crc:08x}) on n{node}",
+                    first.term, first.crc, first.node
+                )
+            });
+        }
+    }
+}
+
+/// State-machine safety: every replica of a group applied the same entry
+/// at each index (a replica restored from a snapshot skips some).
+pub fn check_applied_entries() -> Result<usize, String> {
+    match APPLIED_CONFLICT
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+    {
+        Some(conflict) => Err(conflict),
+        None => Ok(APPLIED.lock().unwrap_or_else(|e| e.into_inner()).len()),
+    }
+}
+
 /// Installs the probe counter as this process's tracing subscriber, plus
 /// a log printer when `RUST_LOG` is set (`target=level` pairs, e.g.
 /// `RUST_LOG=raft=debug,keel=info` while replaying a seed).
@@ -210,9 +290,14 @@ pub fn install() -> Result<(), String> {
         ElectionLayer.with_filter(tracing_subscriber::filter::filter_fn(|m: &Metadata<'_>| {
             m.target() == "keel_event"
         }));
+    let applied =
+        AppliedLayer.with_filter(tracing_subscriber::filter::filter_fn(|m: &Metadata<'_>| {
+            m.target() == "keel_event"
+        }));
     let subscriber = tracing_subscriber::registry()
         .with(probes)
         .with(elections)
+        .with(applied)
         .with(printer);
     let _ = tracing::subscriber::set_global_default(subscriber);
     Ok(())
@@ -269,6 +354,29 @@ mod tests {
         let listed: std::collections::BTreeSet<String> =
             ALL.iter().map(|s| s.to_string()).collect();
         assert_eq!(found, listed);
+    }
+
+    /// Two replicas applying different entries at one index are caught;
+    /// the same entry applied again (a restart replays its log) is not.
+    #[test]
+    fn conflicting_applied_entries_are_caught() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let applied = |node: u64, term: u64, crc: u32| {
+            tracing::debug!(target: "keel_event", group = 9u64, index = 27u64, term, crc, node, "applied");
+        };
+        let subscriber = tracing_subscriber::registry().with(AppliedLayer);
+        tracing::subscriber::with_default(subscriber, || {
+            applied(1, 11, 0xaa);
+            applied(1, 11, 0xaa);
+            applied(4, 11, 0xaa);
+            assert!(check_applied_entries().is_ok());
+            applied(2, 12, 0xbb);
+        });
+        let error = check_applied_entries().unwrap_err();
+        assert!(
+            error.contains("group g9 applied two entries at index 27"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -112,6 +112,9 @@ fn run(
     if let (Ok(()), Err(e)) = (&result.verdict, crate::probes::check_election_safety()) {
         result.verdict = Err(format!("seed {seed}: {e}"));
     }
+    if let (Ok(()), Err(e)) = (&result.verdict, crate::probes::check_applied_entries()) {
+        result.verdict = Err(format!("seed {seed}: {e}"));
+    }
     if let Some(path) = history {
         let mut file = std::fs::File::create(&path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))?;

@@ -27,6 +27,17 @@ impl Runtime {
             last = Some(snapshot.get_metadata().index);
         }
         for entry in &apply.entries {
+            // For the simulator's state-machine safety checker: no two
+            // replicas of a group ever apply different entries at one index.
+            tracing::debug!(
+                target: "keel_event",
+                group = group.0,
+                index = entry.get_index(),
+                term = entry.get_term(),
+                crc = crc32c::crc32c(entry.get_data()),
+                node = self.me.get(),
+                "applied"
+            );
             if let Err(cause) = self.apply_entry(group, entry) {
                 self.fail_stop(group, cause);
                 break;
