@@ -122,12 +122,7 @@ impl Runtime {
                     let _ = self.engine.transfer_leader(group, successor);
                 }
             }
-            let commit = self.engine.status(group).map_or(u64::MAX, |s| s.commit);
-            let caught_up = |peer: NodeId| {
-                self.engine
-                    .matched(group, peer)
-                    .is_some_and(|m| m > 0 && m + CATCH_UP_LAG >= commit)
-            };
+            let caught_up = |peer: NodeId| self.nearly_caught_up(group, peer);
             if let Some(changes) = next_change(&current, &wanted, self.me, caught_up) {
                 match changes.len() {
                     0 => crate::probe!("membership.leave_joint"),
@@ -250,6 +245,16 @@ impl Runtime {
             .is_some_and(|m| m >= commit)
     }
 
+    /// On the leader: whether `peer` holds `group`'s log up to at most
+    /// [`CATCH_UP_LAG`] entries behind the commit index (and some of it):
+    /// close enough to activate a joined node or promote a learner.
+    fn nearly_caught_up(&self, group: GroupId, peer: NodeId) -> bool {
+        let commit = self.engine.status(group).map_or(u64::MAX, |s| s.commit);
+        self.engine
+            .matched(group, peer)
+            .is_some_and(|m| m > 0 && m.saturating_add(CATCH_UP_LAG) >= commit)
+    }
+
     /// Where this node leads `group` but routing names another voter as its
     /// leader (a `LeadershipTransfer` or `ReassignVShard`), hands leadership
     /// over — once the target has every committed entry, so a dead or
@@ -280,22 +285,13 @@ impl Runtime {
         let Some(cache) = &self.metadata else {
             return Vec::new();
         };
-        let Some(status) = self.engine.status(GroupId::METADATA) else {
-            return Vec::new();
-        };
         let topology = &cache.state().topology;
         let mut voters = topology.voters().count();
         let mut steps = Vec::new();
         for (node, info) in topology.nodes() {
             match info.state {
-                NodeState::Joining => {
-                    let caught_up = self
-                        .engine
-                        .matched(GroupId::METADATA, node)
-                        .is_some_and(|m| m + CATCH_UP_LAG >= status.commit && m > 0);
-                    if caught_up {
-                        steps.push(TopologyChange::Activate { node_id: node });
-                    }
+                NodeState::Joining if self.nearly_caught_up(GroupId::METADATA, node) => {
+                    steps.push(TopologyChange::Activate { node_id: node });
                 }
                 NodeState::Active(Membership::Learner) if voters < MAX_METADATA_VOTERS => {
                     voters += 1;
