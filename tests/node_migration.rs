@@ -11,6 +11,7 @@ use keel::core::rebalance::PlannedMove;
 use keel::core::routing::GroupRoute;
 use keel::core::topology::NodeState;
 use keel::node::migrate::start_move;
+use keel::node::rpc::NodeError;
 use keel::node::Node;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -367,7 +368,7 @@ async fn a_node_decommissioned_while_away_deletes_its_replicas_when_it_returns()
     let mut c = Cluster::form(3).await;
     c.await_replication(3).await;
     join_active(&mut c, n(4)).await;
-    decommission_while_away(&c, n(2)).await;
+    decommission_while_away(&mut c, n(2)).await;
 }
 
 /// The same for a learner of group 0 (a sixth node: group 0 has at most
@@ -397,13 +398,15 @@ async fn a_group_0_learner_decommissioned_while_away_deletes_its_replicas() {
         .unwrap()
         .unwrap();
     assert!(g0.learners.contains(&n(6)), "node 6 learns group 0: {g0:?}");
-    decommission_while_away(&c, n(6)).await;
+    decommission_while_away(&mut c, n(6)).await;
 }
 
 /// Cuts `away` off, decommissions it, waits until it left group 0's
 /// configuration too, then lets it back and waits until it holds only what
-/// routing gives it: nothing.
-async fn decommission_while_away(c: &Cluster, away: NodeId) {
+/// routing gives it: nothing. From then on it refuses requests with a clear
+/// error (its routing is stale for good), and a restart, back into that
+/// stale metadata, does not host its old groups again.
+async fn decommission_while_away(c: &mut Cluster, away: NodeId) {
     c.net.isolate(away);
     decommission_and_check(c, away).await;
     eventually("the node to leave group 0's configuration", || async {
@@ -422,6 +425,26 @@ async fn decommission_while_away(c: &Cluster, away: NodeId) {
     );
     c.net.heal_all();
     settled(c).await;
+    let retired = |status: &keel::node::rpc::NodeStatus| {
+        status.retired && status.groups.iter().all(|g| g.group.is_metadata())
+    };
+    assert!(retired(&c.node(away).status().await.unwrap()));
+    let (vshard, command) = put("after", "retirement");
+    assert_eq!(
+        c.node(away).propose(vshard, command).await.unwrap_err(),
+        NodeError::Retired { node: away },
+        "a retired node refuses requests at once"
+    );
+    c.crash(away).await;
+    c.start(away, None);
+    // Several reconciliations, but well before the node could ask its
+    // peers again (every 2 s): what it knows now came from its own disk.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = c.node(away).status().await.unwrap();
+    assert!(
+        retired(&status),
+        "a restarted retired node hosts its old groups again: {status:?}"
+    );
 }
 
 /// A decommission ends with two entries, `FinishDecommission` and `Leave`.

@@ -485,6 +485,7 @@ fn main() {
                 routing_epoch: Some(3),
                 metadata_applied: Some(10),
                 groups: vec![],
+                retired: false,
             }),
         ),
         ("ack", Response::Ack),
@@ -501,6 +502,10 @@ fn main() {
                 group: GroupId(1),
                 leader: Some(node(2)),
             }),
+        ),
+        (
+            "error-retired",
+            Response::Error(NodeError::Retired { node: node(3) }),
         ),
     ];
     for (name, response) in &responses {

@@ -6,7 +6,8 @@ use crate::core::codec;
 use crate::core::ids::NodeId;
 use crate::daemon::cluster_dir::{ClusterDir, DEFAULT_DIR};
 use crate::io::quic_client::{ClientError, QuicClient};
-use crate::node::service::{ClientRequest, ClientResponse, ClusterStatus};
+use crate::node::rpc::NodeError;
+use crate::node::service::{ClientRequest, ClientResponse, ClusterStatus, ServiceError};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,13 +91,25 @@ impl AdminClient {
         call(&self.quic, addr, request, self.timeout).await
     }
 
-    /// One request to the first node that can be reached. A request that
-    /// reached a node but timed out is not sent again elsewhere: a write's
-    /// outcome is then unknown, and repeating it could apply it twice.
+    /// One request to the first node that can be reached and still serves.
+    /// A node that was decommissioned refuses every request (which it has
+    /// then not executed) and marks its status as retired, so the next node
+    /// is asked; a retired node's status is the answer only if no other
+    /// node gives one. A request that reached a node but timed out is not
+    /// sent again elsewhere: a write's outcome is then unknown, and
+    /// repeating it could apply it twice.
     pub async fn call(&self, request: &ClientRequest) -> Result<ClientResponse, String> {
         let mut last = String::new();
+        let mut retired_status = None;
         for &addr in &self.addrs {
             match self.call_at(addr, request).await {
+                Ok(ClientResponse::Error(ServiceError::Node(e @ NodeError::Retired { .. }))) => {
+                    last = e.to_string();
+                }
+                Ok(ClientResponse::Status(status)) if status.local.retired => {
+                    last = format!("node {} was decommissioned", status.local.node);
+                    retired_status.get_or_insert(ClientResponse::Status(status));
+                }
                 Ok(ClientResponse::Error(e)) => return Err(e.to_string()),
                 Ok(response) => return Ok(response),
                 Err(e @ (ClientError::Timeout { .. } | ClientError::Dropped { .. })) => {
@@ -105,7 +118,7 @@ impl AdminClient {
                 Err(e) => last = e.to_string(),
             }
         }
-        Err(format!("no node could be reached: {last}"))
+        retired_status.ok_or_else(|| format!("no node could be reached: {last}"))
     }
 
     /// Every node's own status: the topology from the first node that

@@ -145,7 +145,7 @@ async fn fetch(client: &AdminClient) -> Result<Routes, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::core::ids::VSHARD_COUNT;
     use crate::node::rpc::{GroupView, NodeStatus};
@@ -174,7 +174,7 @@ mod tests {
 
     /// Node `me`'s status: nodes 1..=3 at 127.0.0.1:700N, every vShard
     /// in group 1 but the first, which is in group 2.
-    fn status(me: u64, groups: Vec<GroupView>) -> ClusterStatus {
+    pub(in crate::cli) fn status(me: u64, groups: Vec<GroupView>) -> ClusterStatus {
         let mut vshard_groups = vec![GroupId(1); usize::from(VSHARD_COUNT)];
         vshard_groups[0] = GroupId(2);
         ClusterStatus {
@@ -199,11 +199,12 @@ mod tests {
                 routing_epoch: Some(1),
                 metadata_applied: Some(1),
                 groups,
+                retired: false,
             },
         }
     }
 
-    fn addr(n: u64) -> SocketAddr {
+    pub(in crate::cli) fn addr(n: u64) -> SocketAddr {
         format!("127.0.0.1:700{n}").parse().expect("addr")
     }
 

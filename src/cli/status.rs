@@ -65,6 +65,12 @@ pub fn assemble(
     each: &[(NodeId, SocketAddr, Option<ClusterStatus>)],
 ) -> StatusReport {
     let mut problems = Vec::new();
+    if first.local.retired {
+        problems.push(format!(
+            "node {} answered, but it was decommissioned: this view of the cluster may be stale",
+            first.local.node.get()
+        ));
+    }
     let mut views: BTreeMap<GroupId, (GroupView, Vec<String>)> = BTreeMap::new();
     for (node, _, status) in each {
         let Some(status) = status else {
@@ -238,6 +244,7 @@ fn render_migrations(rows: &[MigrationSummary]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::routes::tests::{addr, status};
 
     fn row(
         id: &str,
@@ -277,5 +284,26 @@ mod tests {
         assert!(text.contains("19.2 ms"), "{text}");
         assert!(!text.contains("vShard 14 "), "only the latest five: {text}");
         assert!(render_migrations(&[]).is_empty());
+    }
+
+    /// A node that was decommissioned while away answers from metadata
+    /// that no longer changes; the report must not pass that off as the
+    /// cluster's state.
+    #[test]
+    fn a_view_from_a_retired_node_is_flagged_as_possibly_stale() {
+        let node = |id| NodeId::new(id).expect("node id");
+        let each: Vec<_> = (1..=3)
+            .map(|id| (node(id), addr(id), Some(status(id, vec![]))))
+            .collect();
+        let mut first = status(1, vec![]);
+        assert!(assemble(&first, &each).healthy);
+        first.local.retired = true;
+        let report = assemble(&first, &each);
+        assert!(!report.healthy);
+        assert!(
+            report.problems[0].contains("node 1 answered, but it was decommissioned"),
+            "{:?}",
+            report.problems
+        );
     }
 }

@@ -213,10 +213,16 @@ impl Node {
                     group = Some(redirect.group);
                     Some(redirect.leader.unwrap_or(self.id))
                 }
-                Err(NodeError::NotLeader { .. })
-                | Err(NodeError::NoMetadata)
-                | Err(NodeError::Unavailable(_))
-                | Err(NodeError::Unreachable { .. }) => {
+                // A peer retired since this node's routing named it says
+                // nothing about the group; only this node's own retirement
+                // is final for the caller.
+                Err(
+                    e @ (NodeError::NotLeader { .. }
+                    | NodeError::NoMetadata
+                    | NodeError::Unavailable(_)
+                    | NodeError::Unreachable { .. }
+                    | NodeError::Retired { .. }),
+                ) if !matches!(e, NodeError::Retired { .. }) || target != self.id => {
                     tokio::time::sleep(RETRY_PAUSE).await;
                     group = None;
                     Some(self.id)

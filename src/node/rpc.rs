@@ -141,6 +141,9 @@ pub struct NodeStatus {
     pub routing_epoch: Option<u64>,
     pub metadata_applied: Option<u64>,
     pub groups: Vec<GroupView>,
+    /// The node was decommissioned or has left: it serves nothing, and
+    /// what it reports of the cluster may be stale for good.
+    pub retired: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -170,6 +173,10 @@ pub enum NodeError {
     /// request did not execute, so it may be retried once routing catches up.
     #[error(transparent)]
     Unavailable(GateRefusal),
+    /// This node was decommissioned (or has left the cluster): it hosts no
+    /// data and its metadata may be stale for good, so it serves nothing.
+    #[error("node {node} was decommissioned and serves no requests; send them to another node of the cluster")]
+    Retired { node: NodeId },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

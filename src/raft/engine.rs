@@ -343,6 +343,17 @@ impl Engine {
             .ok_or(EngineError::UnknownGroup(group))
     }
 
+    /// Records durably that the cluster retired this node (see
+    /// [`RaftStore::mark_retired`]).
+    pub fn mark_retired(&self) -> Result<(), EngineError> {
+        Ok(self.store.mark_retired(self.node)?)
+    }
+
+    /// Whether this node recorded its retirement before it last stopped.
+    pub fn retired(&self) -> Result<bool, EngineError> {
+        Ok(self.store.retired(self.node)?)
+    }
+
     /// Stops hosting `group` and deletes its stored log, state and
     /// snapshot: the replica was removed from the group for good.
     pub fn destroy_group(&mut self, group: GroupId) -> Result<(), EngineError> {

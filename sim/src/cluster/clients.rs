@@ -176,13 +176,15 @@ pub(super) async fn execute(node: &Node, key: &str, op: &Op) -> HistoryOutcome {
 }
 
 /// Errors that prove a write never reached the log are failures; the rest
-/// leave its fate unknown.
+/// leave its fate unknown. (A node retired since answers `Retired` only
+/// after every earlier hop proved the write did not execute.)
 fn indefinite(error: &NodeError) -> HistoryOutcome {
     match error {
         NodeError::NoMetadata
         | NodeError::BadRequest(_)
         | NodeError::WrongGroup(_)
-        | NodeError::Unavailable(_) => HistoryOutcome::Fail,
+        | NodeError::Unavailable(_)
+        | NodeError::Retired { .. } => HistoryOutcome::Fail,
         _ => HistoryOutcome::Info,
     }
 }

@@ -11,6 +11,20 @@ use rand_chacha::rand_core::RngCore;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
+/// The metadata state requests are served from; if there is none (see
+/// `Runtime::serving_state`), answers `reply` with why and returns.
+macro_rules! serving_or_refuse {
+    ($runtime:ident, $reply:ident) => {
+        match $runtime.serving_state() {
+            Ok(state) => state,
+            Err(e) => {
+                let _ = $reply.send(Err(e));
+                return;
+            }
+        }
+    };
+}
+
 impl Runtime {
     fn propose(
         &mut self,
@@ -60,11 +74,8 @@ impl Runtime {
     pub(super) fn on_command(&mut self, command: Command) {
         match command {
             Command::ProposeMetadata { entry, reply } => {
-                let Some(cache) = &self.metadata else {
-                    let _ = reply.send(Err(NodeError::NoMetadata));
-                    return;
-                };
-                if let Err(e) = entry.check_allowed(cache.state().cluster_version) {
+                let state = serving_or_refuse!(self, reply);
+                if let Err(e) = entry.check_allowed(state.cluster_version) {
                     let _ = reply.send(Err(NodeError::BadRequest(e.to_string())));
                     return;
                 }
@@ -78,11 +89,7 @@ impl Runtime {
                 command,
                 reply,
             } => {
-                let Some(cache) = &self.metadata else {
-                    let _ = reply.send(Err(NodeError::NoMetadata));
-                    return;
-                };
-                let routing = &cache.state().routing;
+                let routing = &serving_or_refuse!(self, reply).routing;
                 if let Some(expected) = expected {
                     if let Err(redirect) = routing.check(vshard, expected) {
                         crate::probe!("routing.wrong_group_redirect");
@@ -114,15 +121,12 @@ impl Runtime {
                 control,
                 reply,
             } => {
-                let Some(cache) = &self.metadata else {
-                    let _ = reply.send(Err(NodeError::NoMetadata));
-                    return;
-                };
+                let epoch = serving_or_refuse!(self, reply).routing.epoch();
                 let hlc = self.hlc.now(self.clock.now_ms());
                 let data = codec::encode(&DataRecord {
                     hlc,
                     vshard: control.vshard(),
-                    epoch: cache.state().routing.epoch(),
+                    epoch,
                     body: DataBody::Control(control),
                 });
                 self.propose(group, data, hlc, reply);
@@ -132,6 +136,7 @@ impl Runtime {
                 vshard,
                 reply,
             } => {
+                serving_or_refuse!(self, reply);
                 self.start_read(group, ReadReply::Export { vshard, reply });
             }
             Command::DestroyReplica { group } => {
@@ -144,11 +149,7 @@ impl Runtime {
                 linearizable,
                 reply,
             } => {
-                let Some(cache) = &self.metadata else {
-                    let _ = reply.send(Err(NodeError::NoMetadata));
-                    return;
-                };
-                let group = cache.state().routing.lookup(vshard).group;
+                let group = serving_or_refuse!(self, reply).routing.lookup(vshard).group;
                 if !linearizable {
                     let result = self.query(group, vshard, &query);
                     let _ = reply.send(result);
@@ -164,6 +165,7 @@ impl Runtime {
                 );
             }
             Command::ReadMetadata { reply } => {
+                serving_or_refuse!(self, reply);
                 self.start_read(GroupId::METADATA, ReadReply::Metadata(reply));
             }
             Command::ReadMetadataLocal { reply } => {

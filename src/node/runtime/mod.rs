@@ -195,7 +195,8 @@ pub(crate) struct Runtime {
     /// The metadata applied index the last reconciliation saw.
     reconciled_metadata: Option<u64>,
     /// A peer said group 0 retired this node, which this node's own replica
-    /// of group 0 may never learn (see `retirement`).
+    /// of group 0 may never learn (see `retirement`); kept on disk, so it
+    /// holds across restarts.
     retired: bool,
     /// Since when, or since the last question to peers, this node has been
     /// cut off from group 0's leader (see `retirement`).
@@ -265,6 +266,9 @@ impl Runtime {
             retired: false,
             cut_off_since: None,
         };
+        // Before any group is hosted: a retired node hosts nothing again,
+        // whatever its stale metadata lists on it (`retirement`).
+        runtime.retired = runtime.engine.retired()?;
         let persisted = runtime.engine.persisted_groups()?;
         if !persisted.is_empty() {
             crate::probe!("node.restart_from_disk");

@@ -3,7 +3,6 @@
 //! deletes replicas that left their group, and, on the group-0 leader,
 //! proposes the topology, placement and token steps that are due.
 
-use super::retirement::retired_in;
 use super::{
     take_where, Command, Runtime, CATCH_UP_LAG, DESTROY_CHECK_INTERVAL, MAX_METADATA_VOTERS,
 };
@@ -40,7 +39,7 @@ impl Runtime {
         // replica has moved off. Its peers may no longer answer it, so it
         // asks none of them. One that was away meanwhile learns it from its
         // peers, its own routing being stale for good (`retirement`).
-        let retired = self.retired || retired_in(state, self.me);
+        let retired = self.is_retired();
         // Replicas routing no longer lists, with the voters to ask whether
         // the replica has left the group's Raft configuration.
         let removed: Vec<(GroupId, Vec<NodeId>)> = self

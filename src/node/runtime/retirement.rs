@@ -83,16 +83,47 @@ impl Runtime {
         }
     }
 
-    /// A peer said group 0 retired this node: from now on it hosts no data.
+    /// A peer said group 0 retired this node: from now on it hosts no data
+    /// and serves no request. The mark goes to disk first, so a restart
+    /// into the stale metadata does not host the old groups again. If it
+    /// cannot be written, the node still retires now and learns it again
+    /// from its peers after a restart.
     pub(super) fn on_retired(&mut self) {
-        if !self.retired {
-            crate::probe!("node.learned_retired");
-            tracing::warn!(
-                node = %self.me,
-                "this node was decommissioned while it was away; deleting its replicas"
-            );
-            self.retired = true;
+        if self.retired {
+            return;
         }
+        crate::probe!("node.learned_retired");
+        tracing::warn!(
+            node = %self.me,
+            "this node was decommissioned while it was away; deleting its replicas"
+        );
+        if let Err(e) = self.engine.mark_retired() {
+            tracing::error!(node = %self.me, error = %e, "could not record the retirement on disk");
+        }
+        self.retired = true;
+    }
+
+    /// Whether this node is retired: a peer said so, or its own metadata
+    /// says it was decommissioned or has left.
+    pub(super) fn is_retired(&self) -> bool {
+        self.retired
+            || self
+                .metadata
+                .as_ref()
+                .is_some_and(|cache| retired_in(cache.state(), self.me))
+    }
+
+    /// The metadata that requests are served from, or why none are: this
+    /// node has none yet, or it was retired (its routing may be stale for
+    /// good, so it must not route or answer anything).
+    pub(super) fn serving_state(&self) -> Result<&MetadataState, NodeError> {
+        if self.is_retired() {
+            return Err(NodeError::Retired { node: self.me });
+        }
+        self.metadata
+            .as_ref()
+            .map(|cache| cache.state())
+            .ok_or(NodeError::NoMetadata)
     }
 }
 
@@ -119,7 +150,7 @@ async fn ask_whether_retired(transport: &dyn Transport, me: NodeId, peer: NodeId
 
 /// Whether `state` says `node` was decommissioned or is no node of the
 /// cluster (it left, or its id was retired): either way it hosts no data.
-pub(super) fn retired_in(state: &MetadataState, node: NodeId) -> bool {
+fn retired_in(state: &MetadataState, node: NodeId) -> bool {
     state
         .topology
         .get(node)

@@ -71,6 +71,7 @@ impl Runtime {
             routing_epoch: self.metadata.as_ref().map(|c| c.state().routing.epoch()),
             metadata_applied: self.metadata.as_ref().map(MetadataCache::applied_index),
             groups,
+            retired: self.is_retired(),
         }
     }
 }

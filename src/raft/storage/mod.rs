@@ -15,6 +15,9 @@
 //!   state and data (`codec::encode`). The metadata lives with the data so
 //!   that the snapshot handed to a follower always describes exactly the
 //!   bytes it carries.
+//! - `node_retired`: one row, present once this node learned that the
+//!   cluster retired it, so that it hosts no group again, even after a
+//!   restart into its stale metadata ([`RaftStore::mark_retired`]).
 //!
 //! Every stored value goes through the CRC32C envelope, so a flipped bit is
 //! reported as [`StorageError::Corrupt`], never served and never a panic.
@@ -35,7 +38,8 @@ mod group;
 mod mirror;
 mod rows;
 
-use crate::core::ids::GroupId;
+use crate::core::codec;
+use crate::core::ids::{GroupId, NodeId};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -46,6 +50,7 @@ use batch::{fill, Staged};
 pub use group::GroupStorage;
 use mirror::{load_mirror, Mirror};
 pub use rows::GroupState;
+use rows::RetiredRow;
 
 /// `(group, index)` → sealed protobuf [`Entry`](raft::prelude::Entry).
 const RAFT_LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("raft_log");
@@ -53,6 +58,8 @@ const RAFT_LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("raft_
 const RAFT_STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_state");
 /// `group` → encoded snapshot (metadata and data).
 const RAFT_SNAPSHOT: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_snapshot");
+/// `0` → encoded [`RetiredRow`], once this node was retired.
+const NODE_RETIRED: TableDefinition<u64, &[u8]> = TableDefinition::new("node_retired");
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum StorageError {
@@ -68,6 +75,9 @@ pub enum StorageError {
     /// Another batch wrote the group after this batch staged it; nothing was written.
     #[error("group {group} was written by another batch after this batch staged it, so nothing was written")]
     Conflict { group: GroupId },
+    /// The retirement mark does not decode, or names another node.
+    #[error("the stored retirement mark is corrupt: {0}")]
+    CorruptRetirement(String),
 }
 
 impl From<StorageError> for raft::Error {
@@ -158,6 +168,50 @@ impl RaftStore {
             return Err(e);
         }
         txn.commit().map_err(redb_error)
+    }
+
+    /// Records, durably, that the cluster retired `node` (this database's
+    /// node): it hosts no group again. Retirement is final, so nothing
+    /// removes the mark.
+    pub fn mark_retired(&self, node: NodeId) -> Result<(), StorageError> {
+        let row = codec::encode(&RetiredRow { node });
+        let txn = begin_durable_write(&self.db, Durability::Immediate)?;
+        let inserted = txn
+            .open_table(NODE_RETIRED)
+            .map_err(redb_error)
+            .and_then(|mut table| {
+                table.insert(0, row.as_slice()).map_err(redb_error)?;
+                Ok(())
+            });
+        if let Err(e) = inserted {
+            let _ = txn.abort();
+            return Err(e);
+        }
+        txn.commit().map_err(redb_error)
+    }
+
+    /// Whether [`RaftStore::mark_retired`] recorded `node`'s retirement. A
+    /// mark that does not decode, or names another node, is an error: this
+    /// database is damaged or belongs to another node.
+    pub fn retired(&self, node: NodeId) -> Result<bool, StorageError> {
+        let txn = self.db.begin_read().map_err(redb_error)?;
+        let table = match txn.open_table(NODE_RETIRED) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(redb_error(e)),
+        };
+        let Some(value) = table.get(0).map_err(redb_error)? else {
+            return Ok(false);
+        };
+        let row: RetiredRow = codec::decode(value.value())
+            .map_err(|e| StorageError::CorruptRetirement(e.to_string()))?;
+        if row.node != node {
+            return Err(StorageError::CorruptRetirement(format!(
+                "it names node {}, but this is node {node}",
+                row.node
+            )));
+        }
+        Ok(true)
     }
 
     /// Writes the whole batch in one redb write transaction with

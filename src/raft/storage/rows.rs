@@ -3,7 +3,7 @@
 
 use super::StorageError;
 use crate::core::codec::{self, FrameKind, Wire};
-use crate::core::ids::GroupId;
+use crate::core::ids::{GroupId, NodeId};
 use protobuf::Message as _;
 use raft::prelude::{ConfState, Entry, HardState, SnapshotMetadata};
 use serde::{Deserialize, Serialize};
@@ -82,6 +82,17 @@ impl GroupState {
         }
         Ok(())
     }
+}
+
+/// The mark a node keeps once it learned that the cluster retired it: the
+/// node it names must be the one opening the database.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct RetiredRow {
+    pub(super) node: NodeId,
+}
+
+impl Wire for RetiredRow {
+    const KIND: FrameKind = FrameKind::Row;
 }
 
 /// The stored snapshot: metadata and data together.

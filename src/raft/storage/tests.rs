@@ -839,3 +839,34 @@ fn a_single_voter_raw_node_commits_and_recovers_from_file() {
     assert_eq!(proposals(&applied), vec![b"after restart".to_vec()]);
     assert_eq!(raw.raft.term, 2);
 }
+
+/// A node that learned the cluster retired it must still know after a
+/// restart, or it would host its stale groups again; a mark that is
+/// damaged or names another node is an error, never read as "not retired".
+#[test]
+fn the_retirement_mark_survives_a_reopen_and_is_checked() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("node.redb");
+    let me = NodeId::new(3).expect("node id");
+    let store = RaftStore::new(file_db(&path));
+    assert!(!store.retired(me).expect("read the mark"));
+    store.mark_retired(me).expect("mark");
+    drop(store);
+    let reopened = RaftStore::new(file_db(&path));
+    assert!(reopened.retired(me).expect("read the mark"));
+    let other = NodeId::new(4).expect("node id");
+    assert!(matches!(
+        reopened.retired(other),
+        Err(StorageError::CorruptRetirement(_))
+    ));
+    let txn = reopened.db.begin_write().expect("begin write");
+    txn.open_table(NODE_RETIRED)
+        .expect("open")
+        .insert(0, b"not a mark".as_slice())
+        .expect("insert");
+    txn.commit().expect("commit");
+    assert!(matches!(
+        reopened.retired(me),
+        Err(StorageError::CorruptRetirement(_))
+    ));
+}
