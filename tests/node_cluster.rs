@@ -9,11 +9,14 @@ mod common;
 use common::*;
 use keel::core::codec;
 use keel::core::entry::MetadataEntry;
+use keel::core::hlc::Hlc;
 use keel::core::ids::GroupId;
 use keel::core::routing::RoutingChange;
+use keel::io::clock::WallClock;
 use keel::io::transport::Transport;
 use keel::node::rpc::{NodeError, Outcome, Request, Response, MAX_FORWARDED_ITEMS};
 use serde_bytes::ByteBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[tokio::test]
@@ -365,4 +368,64 @@ async fn a_request_for_a_moved_vshard_gets_a_wrong_group_redirect() {
     // Through the API the write lands in the new group.
     c.put_via(n(2), "moved", "x").await;
     assert_eq!(c.get_via(n(3), "moved").await, Some(b"x".to_vec()));
+}
+
+/// A physical clock that stands still: a node reading it stamps by its
+/// hybrid clock's logical counter alone.
+struct StoppedClock(u64);
+
+impl WallClock for StoppedClock {
+    fn now_ms(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Node 1 leads with its clock `ahead_ms` ahead of nodes 2 and 3 (all
+/// stopped) and stamps a write; nodes 2 and 3 apply it, node 1 dies, and
+/// the next leader stamps a second write. Returns both stamps.
+async fn stamps_across_a_leader_change(ahead_ms: u64) -> (Hlc, Hlc) {
+    const T: u64 = 1_700_000_000_000;
+    let mut c = Cluster::new();
+    c.clocks.insert(n(1), Arc::new(StoppedClock(T + ahead_ms)));
+    for id in 2..=3 {
+        c.clocks.insert(n(id), Arc::new(StoppedClock(T)));
+    }
+    c.form_on(3).await;
+    c.await_replication(3).await;
+    let (vshard, command) = put("stamped", "first");
+    let first = c.node(n(1)).propose(vshard, command).await.unwrap().hlc;
+    assert_eq!(
+        first.wall_ms,
+        T + ahead_ms,
+        "node 1 led and stamped the write"
+    );
+    for id in 2..=3 {
+        c.await_local(n(id), "stamped", "first").await;
+    }
+    c.crash(n(1)).await;
+    let (vshard, command) = put("stamped", "second");
+    let second = c.node(n(2)).propose(vshard, command).await.unwrap().hlc;
+    (first, second)
+}
+
+/// The hybrid clock's causality across leaders (DESIGN.md §2): a node that
+/// applied a record stamped by a clock running ahead of its own, within the
+/// allowed offset (500 ms), stamps what it proposes later after it.
+#[tokio::test]
+async fn a_new_leader_stamps_after_what_it_applied() {
+    let (first, second) = stamps_across_a_leader_change(400).await;
+    assert!(second > first, "{second} is not after {first}");
+}
+
+/// A stamp further ahead than the allowed offset is committed all the
+/// same, but leaves the other nodes' clocks alone, so one runaway clock
+/// does not drag the cluster into the future.
+#[tokio::test]
+async fn a_stamp_beyond_the_clock_offset_leaves_the_clock_alone() {
+    let (first, second) = stamps_across_a_leader_change(600).await;
+    assert_eq!(
+        first.wall_ms - second.wall_ms,
+        600,
+        "{second} against {first}"
+    );
 }

@@ -9,7 +9,7 @@ use keel::core::ids::{GroupId, NodeId, VShardId};
 use keel::core::kv::{KvCommand, KvQuery, KvResponse, KvStateMachine};
 use keel::core::routing::RoutingChange;
 use keel::core::topology::TopologyChange;
-use keel::io::clock::SystemClock;
+use keel::io::clock::{SystemClock, WallClock};
 use keel::io::memory_transport::MemoryNetwork;
 use keel::io::{open_database, seeded_rng, NodeIo};
 use keel::node::rpc::Outcome;
@@ -39,6 +39,9 @@ pub struct Cluster {
     pub replication_factor: usize,
     /// How nodes started from now on run migrations.
     pub migration: keel::node::migrate::MigrationConfig,
+    /// The physical clock of each node started from now on that is listed
+    /// here; the others read the system's.
+    pub clocks: BTreeMap<NodeId, Arc<dyn WallClock>>,
 }
 
 pub fn kv_factory() -> MachineFactory {
@@ -99,6 +102,7 @@ impl Cluster {
                 poll: Duration::from_millis(20),
                 ..Default::default()
             },
+            clocks: BTreeMap::new(),
         }
     }
 
@@ -108,7 +112,11 @@ impl Cluster {
         let io = NodeIo {
             transport,
             inbound,
-            clock: Arc::new(SystemClock),
+            clock: self
+                .clocks
+                .get(&id)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(SystemClock)),
             rng: seeded_rng(id.get()),
             db: Arc::new(db),
             storage_latency: None,

@@ -4,6 +4,7 @@
 use super::Runtime;
 use crate::core::cache::RejectReason;
 use crate::core::codec;
+use crate::core::hlc::Hlc;
 use crate::core::ids::GroupId;
 use crate::node::rpc::{Committed, DataRecord, NodeError, Outcome};
 use crate::raft::engine::{conf_change_of, GroupApply};
@@ -84,12 +85,15 @@ impl Runtime {
             if rejection.is_some() {
                 crate::probe!("metadata.entry_rejected");
             }
+            let log_time = state.log_time;
+            self.observe_hlc(log_time);
             Ok(Outcome::Metadata(rejection))
         } else if payload.is_empty() {
             Ok(Outcome::Data(Vec::new()))
         } else {
             let record = codec::decode::<DataRecord>(payload)
                 .map_err(|e| format!("entry at index {index} does not decode: {e}"))?;
+            self.observe_hlc(record.hlc);
             let machine = self
                 .machines
                 .get_mut(&group)
@@ -118,5 +122,28 @@ impl Runtime {
             }
         }
         Ok(())
+    }
+
+    /// Merges the timestamp of a committed record into this node's clock,
+    /// so that whatever it proposes next is stamped after everything it has
+    /// seen, whichever node proposed it (the hybrid clock's causality). A
+    /// stamp more than the allowed clock offset ahead of this node's clock
+    /// leaves the clock alone (DESIGN.md §2). The record is committed all
+    /// the same, so this is reported, once until the clocks agree again:
+    /// some node's clock is off by more than the cluster allows.
+    fn observe_hlc(&mut self, remote: Hlc) {
+        match self.hlc.update(remote, self.clock.now_ms()) {
+            Ok(_) => {
+                if std::mem::take(&mut self.clock_ahead) {
+                    tracing::info!(node = %self.me, "committed timestamps are within the clock offset again");
+                }
+            }
+            Err(e) => {
+                crate::probe!("hlc.remote_ahead_refused");
+                if !std::mem::replace(&mut self.clock_ahead, true) {
+                    tracing::warn!(node = %self.me, "{e}");
+                }
+            }
+        }
     }
 }

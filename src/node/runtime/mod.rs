@@ -201,6 +201,9 @@ pub(crate) struct Runtime {
     /// Since when, or since the last question to peers, this node has been
     /// cut off from group 0's leader (see `retirement`).
     cut_off_since: Option<Instant>,
+    /// The last committed timestamp observed was too far ahead of this
+    /// node's clock (see `apply`), so the warning is not repeated per entry.
+    clock_ahead: bool,
 }
 
 /// Why a node could not start.
@@ -265,6 +268,7 @@ impl Runtime {
             reconciled_metadata: None,
             retired: false,
             cut_off_since: None,
+            clock_ahead: false,
         };
         // Before any group is hosted: a retired node hosts nothing again,
         // whatever its stale metadata lists on it (`retirement`).
