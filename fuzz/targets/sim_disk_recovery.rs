@@ -18,8 +18,8 @@
 //!
 //! Every run starts from one base image: a clean redb database holding what
 //! a node persists — the Raft logs, hard and conf states of group 0 and a
-//! data group, a compacted snapshot, a migration row — written through
-//! keel's own `RaftStore` and `MigrationTable`. The input then:
+//! data group, a compacted snapshot, the node's retirement mark — written
+//! through keel's own `RaftStore`. The input then:
 //!
 //! 1. optionally (flag bit 0) runs a crash phase: opens the image on a disk
 //!    that fails writes and syncs at a seeded rate, appends up to 7 batches
@@ -34,7 +34,7 @@
 //!
 //! Then the image is opened on a fresh disk and everything keel reads at
 //! start-up is read: every group's state and log, the snapshot, the
-//! migration table; then one more write is attempted.
+//! retirement mark; then one more write is attempted.
 //!
 //! Allocations are not held to the decoders' per-byte bound here (redb
 //! keeps page caches whatever the input); libFuzzer's RSS and malloc
@@ -45,17 +45,13 @@ use super::{check_message, Verdict};
 use keel::core::codec;
 use keel::core::entry::{MetadataEntry, MetadataRecord};
 use keel::core::hlc::Hlc;
-use keel::core::ids::{GroupId, MigrationId, NodeId, VShardId};
-use keel::core::migration::{
-    MigrationCheckpointPayload, MigrationPhaseTag, MigrationRow, ReplicaMovePayload,
-};
+use keel::core::ids::{GroupId, NodeId, VShardId};
 use keel::core::topology::TopologyChange;
-use keel::io::migration_table::MigrationTable;
 use keel::node::rpc::{DataBody, DataRecord};
 use keel::raft::storage::{RaftStore, WriteBatch};
 use raft::eraftpb::{ConfState, Entry, HardState};
 use raft::{GetEntriesContext, Storage};
-use redb::{Database, ReadableDatabase, StorageBackend};
+use redb::{Database, StorageBackend};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeSet;
 use std::panic::{self, AssertUnwindSafe};
@@ -127,25 +123,6 @@ fn voters() -> ConfState {
     }
 }
 
-/// A migration row as the migration executor checkpoints it.
-pub fn migration_row() -> MigrationRow {
-    let payload = MigrationCheckpointPayload::Replica(ReplicaMovePayload {
-        group_id: DATA_GROUP,
-        source: node(1),
-        target: node(4),
-        source_was_leader: true,
-        caught_up_index: 0,
-        write_pause_us: None,
-    });
-    MigrationRow::new(
-        MigrationId::from_random_bytes([7; 16]),
-        MigrationPhaseTag::AddLearner,
-        1,
-        &payload,
-        5_000,
-    )
-}
-
 /// Writes what a node persists into `db`.
 fn populate(db: &Arc<Database>) {
     let store = RaftStore::new(Arc::clone(db));
@@ -183,9 +160,7 @@ fn populate(db: &Arc<Database>) {
     let snapshot = b"group 0 state at index 4".to_vec();
     batch.compact(&g0, BASE_COMPACTED, 1, &voters(), snapshot);
     store.write(batch).expect("compact group 0");
-    let txn = db.begin_write().expect("begin");
-    MigrationTable::upsert(&txn, &migration_row()).expect("upsert the migration row");
-    txn.commit().expect("commit the migration row");
+    store.mark_retired(node(1)).expect("mark the node retired");
 }
 
 /// The whole durable content of `disk`.
@@ -501,10 +476,8 @@ fn recover(image: &[u8], seed: u64) -> Result<u64, String> {
                 .map_err(|e| format!("write after recovery: {e}"))?;
         }
     }
-    let txn = db.begin_read().map_err(|e| e.to_string())?;
-    let rows = MigrationTable::load_all(&txn).map_err(|e| e.to_string())?;
-    for row in rows {
-        row.verify().map_err(|e| e.to_string())?;
+    if !store.retired(node(1)).map_err(|e| e.to_string())? {
+        return Err("the retirement mark is gone".into());
     }
     Ok(metadata_last)
 }

@@ -144,12 +144,8 @@ impl MigrationId {
         MigrationId(uuid::Builder::from_random_bytes(bytes).into_uuid())
     }
 
-    pub fn as_bytes(&self) -> &[u8; 16] {
-        self.0.as_bytes()
-    }
-
-    /// Rebuilds an id from its 16 stored bytes (no version check: stored ids
-    /// were valid when written, and any 16 bytes name a row unambiguously).
+    /// Rebuilds an id from its 16 bytes (no version check: any 16 bytes name
+    /// a row unambiguously).
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
         MigrationId(uuid::Uuid::from_bytes(bytes))
     }
@@ -207,6 +203,6 @@ mod tests {
     fn migration_ids_are_v4_uuids() {
         let id = MigrationId::from_random_bytes([0xAB; 16]);
         assert_eq!(id.0.get_version_num(), 4);
-        assert_eq!(MigrationId::from_bytes(*id.as_bytes()), id);
+        assert_eq!(MigrationId::from_bytes(*id.0.as_bytes()), id);
     }
 }

@@ -5,7 +5,6 @@
 
 pub mod clock;
 pub mod memory_transport;
-pub mod migration_table;
 #[cfg(not(madsim))]
 pub mod pki;
 #[cfg(not(madsim))]
