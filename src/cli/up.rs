@@ -199,10 +199,6 @@ impl LocalCluster {
         Ok(cluster)
     }
 
-    pub fn dir(&self) -> &Path {
-        self.dir.root()
-    }
-
     /// An admin client of the cluster.
     pub fn client(&self) -> Result<AdminClient, String> {
         client(self.dir.root())

@@ -159,23 +159,6 @@ pub enum RoutingChange {
     },
 }
 
-impl RoutingChange {
-    /// The group the change touches; for `ReassignVShard`, the new group.
-    pub fn group_id(&self) -> GroupId {
-        match *self {
-            RoutingChange::ReassignVShard { new_group_id, .. } => new_group_id,
-            RoutingChange::LeadershipTransfer { group_id, .. }
-            | RoutingChange::RemoveMember { group_id, .. }
-            | RoutingChange::AddLearner { group_id, .. }
-            | RoutingChange::PromoteLearner { group_id, .. }
-            | RoutingChange::DemoteVoter { group_id, .. }
-            | RoutingChange::CreateGroup { group_id, .. }
-            | RoutingChange::DropGroup { group_id }
-            | RoutingChange::RemoveGhostStub { group_id, .. } => group_id,
-        }
-    }
-}
-
 /// Why [`RoutingTable::bootstrap`] refused its parameters.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum BootstrapDefect {
@@ -1026,20 +1009,6 @@ mod tests {
             Err(RoutingError::EpochExhausted)
         );
         assert_eq!(table, before);
-    }
-
-    #[test]
-    fn change_names_its_group() {
-        assert_eq!(reassign(0, 7, 1).group_id(), GroupId(7));
-        let drop = RoutingChange::DropGroup {
-            group_id: GroupId(3),
-        };
-        assert_eq!(drop.group_id(), GroupId(3));
-        let ghost = RoutingChange::RemoveGhostStub {
-            vshard_id: v(1),
-            group_id: GroupId(5),
-        };
-        assert_eq!(ghost.group_id(), GroupId(5));
     }
 
     /// Decoding checks the invariants: corrupt bytes never yield a table

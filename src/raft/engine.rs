@@ -238,14 +238,6 @@ impl Engine {
         }
     }
 
-    pub fn node(&self) -> NodeId {
-        self.node
-    }
-
-    pub fn config(&self) -> &EngineConfig {
-        &self.config
-    }
-
     /// Groups with state on disk (what a restarting node reopens).
     pub fn persisted_groups(&self) -> Result<Vec<GroupId>, EngineError> {
         Ok(self.store.groups()?)

@@ -48,10 +48,6 @@ impl std::fmt::Debug for GroupStorage {
 }
 
 impl GroupStorage {
-    pub fn group(&self) -> GroupId {
-        self.group
-    }
-
     pub fn hard_state(&self) -> HardState {
         read(&self.mem).state.hard_state()
     }
