@@ -16,7 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 /// The largest frame a transport carries; anything larger is refused.
 pub const MAX_FRAME_LEN: usize = 64 * 1024 * 1024;
 
-/// How long a call waits for its response by default.
+/// A call timeout for tests and the simulator's own checks; the node takes
+/// its timeouts from its configuration.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

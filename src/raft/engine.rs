@@ -466,7 +466,7 @@ impl Engine {
         g.raw.step(message).map_err(Self::raft_err(group))
     }
 
-    /// Starts an election in `group` now (bootstrap and tests; normally the
+    /// Starts an election in `group` now (benchmarks and tests; normally the
     /// election timeout does this).
     pub fn campaign(&mut self, group: GroupId) -> Result<(), EngineError> {
         let g = self.group_mut(group)?;
