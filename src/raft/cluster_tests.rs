@@ -678,3 +678,49 @@ fn a_replica_without_a_log_grants_no_vote() {
         assert!(!c.node(n(4)).engine.has_work(), "{msg_type:?} was answered");
     }
 }
+
+/// A replica without a configuration takes its first snapshot only if it
+/// lists the replica as a learner, which is how keel adds every replica. A
+/// snapshot that lists it as a voter comes from a leader whose
+/// configuration still counts the replica's node from before it was
+/// removed; that leader could commit with the new replica's
+/// acknowledgements over entries its group committed without it.
+#[test]
+fn a_replica_without_a_log_takes_a_first_snapshot_only_as_a_learner() {
+    let mut c = Cluster::new(3, EngineConfig::default());
+    c.put(G, "k", "v");
+    c.add_empty_node(n(4));
+    let snapshot = |voters: Vec<u64>, learners: Vec<u64>| {
+        let mut message = raft::prelude::Message::default();
+        message.set_msg_type(MessageType::MsgSnapshot);
+        message.from = 1;
+        message.to = 4;
+        message.term = 100;
+        let metadata = message.mut_snapshot().mut_metadata();
+        metadata.index = 50;
+        metadata.term = 100;
+        metadata.mut_conf_state().voters = voters;
+        metadata.mut_conf_state().learners = learners;
+        message
+    };
+    c.node(n(4))
+        .engine
+        .step(G, snapshot(vec![1, 2, 4], vec![]))
+        .unwrap();
+    let status = c.node(n(4)).engine.status(G).unwrap();
+    assert_eq!(
+        status.term, 0,
+        "a snapshot naming a voter was taken: {status:?}"
+    );
+    assert!(!c.node(n(4)).engine.has_work());
+    c.node(n(4))
+        .engine
+        .step(G, snapshot(vec![1, 2, 3], vec![4]))
+        .unwrap();
+    let status = c.node(n(4)).engine.status(G).unwrap();
+    assert_eq!(
+        status.term, 100,
+        "the learner's snapshot was refused: {status:?}"
+    );
+    assert!(c.node(n(4)).engine.has_work());
+}

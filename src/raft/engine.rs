@@ -288,6 +288,7 @@ impl Engine {
         let logger = raft_logger(self.node.get(), group.0);
         let raw = RawNode::new(&config, storage, &logger)
             .map_err(|source| EngineError::Raft { group, source })?;
+        note_learners(&raw);
         self.groups.insert(
             group,
             Group {
@@ -444,7 +445,31 @@ impl Engine {
     /// (and its answer) wakes the group.
     pub fn step(&mut self, group: GroupId, message: Message) -> Result<(), EngineError> {
         self.touch(group);
+        let me = self.node.get();
         let g = self.group_mut(group)?;
+        if message.get_msg_type() == MessageType::MsgSnapshot
+            && !initialized(&g.raw)
+            && !lists_as_learner(&message, me)
+        {
+            // A replica without a configuration starts from its leader's
+            // snapshot. keel adds every replica as a learner (a joining
+            // node to group 0, a replica move, placement) and promotes it
+            // only once it has caught up, so its real leader's first
+            // snapshot lists it as a learner. One that lists it as a voter
+            // comes from a leader with a stale configuration that still
+            // counts this node from before it was removed and deleted its
+            // replica: with this replica's acknowledgements that leader
+            // could commit over entries its group committed without it.
+            crate::probe!("raft.snapshot_refused_uninitialized");
+            tracing::debug!(
+                node = me,
+                %group,
+                from = message.from,
+                term = message.term,
+                "a replica without a log refused a snapshot that lists it as a voter"
+            );
+            return Ok(());
+        }
         if is_vote_request(&message) && !initialized(&g.raw) {
             // A replica that never heard from a leader knows no log, so
             // raft-rs would grant any candidate its vote. The node may have
@@ -511,9 +536,12 @@ impl Engine {
         change: &ConfChangeV2,
     ) -> Result<ConfState, EngineError> {
         let g = self.group_mut(group)?;
-        g.raw
+        let conf = g
+            .raw
             .apply_conf_change(change)
-            .map_err(Self::raft_err(group))
+            .map_err(Self::raft_err(group))?;
+        note_learners(&g.raw);
+        Ok(conf)
     }
 
     /// Requests a linearizable read point; it completes as a `ReadState`
@@ -716,6 +744,7 @@ impl Engine {
                 pending
                     .batch
                     .apply_snapshot(g.raw.store(), ready.snapshot());
+                note_learners(&g.raw);
             }
             if !ready.entries().is_empty() {
                 pending.batch.append(g.raw.store(), ready.entries());
@@ -799,6 +828,20 @@ fn is_vote_request(message: &Message) -> bool {
         message.get_msg_type(),
         MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
     )
+}
+
+/// Whether the snapshot `message` carries lists node `me` as a learner
+/// (not as a voter being demoted, which still counts in the outgoing
+/// quorum).
+fn lists_as_learner(message: &Message, me: u64) -> bool {
+    let conf = message.get_snapshot().get_metadata().get_conf_state();
+    conf.learners.contains(&me)
+}
+
+/// Tells the group's storage which learners the configuration now has.
+fn note_learners(raw: &RawNode<GroupStorage>) {
+    let learners: Vec<u64> = raw.raft.prs().conf().learners().iter().copied().collect();
+    raw.store().note_learners(&learners);
 }
 
 /// Whether the replica has a configuration: bootstrapped, or given a log

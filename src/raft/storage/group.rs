@@ -11,7 +11,7 @@ use raft::prelude::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
 use raft::{GetEntriesContext, RaftState};
 use redb::{Database, ReadableDatabase, TableError};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 
 /// The storage of one Raft group, as raft-rs's `RawNode` uses it. Cheap to
 /// clone; clones share the group's state.
@@ -26,6 +26,18 @@ impl GroupStorage {
     /// Whether raft-rs asked for a snapshot the stored one could not serve.
     pub fn snapshot_wanted(&self) -> bool {
         read(&self.mem).snapshot_wanted.load(Ordering::Relaxed)
+    }
+
+    /// Notes the learners of the configuration raft-rs now runs with, which
+    /// decide which snapshot a learner may be sent (see `snapshot`).
+    pub fn note_learners(&self, learners: &[u64]) {
+        let mem = read(&self.mem);
+        let mut live = mem
+            .live_learners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        live.clear();
+        live.extend_from_slice(learners);
     }
 
     /// Clears the request once a fresh snapshot is on its way to disk.
@@ -190,17 +202,28 @@ impl raft::Storage for GroupStorage {
         Ok(read(&self.mem).last_index())
     }
 
-    /// The stored snapshot. Snapshots are made by compaction (or received),
-    /// not on demand, so a follower asking for a newer one than is stored
-    /// waits: raft retries after `SnapshotTemporarilyUnavailable`.
     /// The stored snapshot, if it is recent enough and its membership
     /// includes `to` (raft-rs refuses a snapshot whose configuration does not
-    /// name it, so sending one would leave the peer stuck). Otherwise asks
-    /// for a fresh snapshot and reports it temporarily unavailable; raft-rs
-    /// asks again on its next probe.
+    /// name it, so sending one would leave the peer stuck) in the role it
+    /// has now if that is a learner's (a replica without a log takes only a
+    /// snapshot that lists it as a learner, see `raft::engine`, and the
+    /// stored one may be from before the peer was removed and added back).
+    /// Otherwise asks for a fresh snapshot and reports it temporarily
+    /// unavailable; raft-rs asks again on its next probe. Snapshots are made
+    /// by compaction (or received), not on demand, so a follower asking for
+    /// a newer one than is stored waits.
     fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        let learner_now = read(&self.mem)
+            .live_learners
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(&to);
         match self.snapshot_row()? {
-            Some(row) if row.index >= request_index && row.names(to) => {
+            Some(row)
+                if row.index >= request_index
+                    && row.names(to)
+                    && (!learner_now || row.lists_as_learner(to)) =>
+            {
                 let mut snapshot = Snapshot::default();
                 snapshot.set_metadata(row.metadata());
                 snapshot.data = row.data.into();

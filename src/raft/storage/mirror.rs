@@ -8,7 +8,7 @@ use crate::core::ids::GroupId;
 use crate::raft::terms::Terms;
 use redb::{Database, ReadableDatabase, TableError};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 /// Reads a lock even if a thread panicked while holding it: every write
 /// under these locks is a single assignment, so the data is never torn.
@@ -29,6 +29,11 @@ pub(super) struct Mirror {
     /// Set when raft-rs asked for a snapshot that the stored one cannot
     /// serve; the engine answers by taking a fresh one from the state machine.
     pub(super) snapshot_wanted: Arc<AtomicBool>,
+    /// The learners of the configuration raft-rs runs with now, as the
+    /// engine last noted them. Not durable, like `snapshot_wanted`: applied
+    /// membership changes reach the disk only with the next snapshot, and
+    /// choosing which snapshot to send needs the current ones.
+    pub(super) live_learners: Arc<Mutex<Vec<u64>>>,
 }
 
 impl Mirror {

@@ -131,6 +131,11 @@ impl SnapshotRow {
             .any(|ids| ids.contains(&peer))
     }
 
+    /// Whether the snapshot's membership has `peer` as a learner.
+    pub(super) fn lists_as_learner(&self, peer: u64) -> bool {
+        self.conf.learners.contains(&peer)
+    }
+
     pub(super) fn metadata(&self) -> SnapshotMetadata {
         let mut meta = SnapshotMetadata {
             index: self.index,

@@ -870,3 +870,38 @@ fn the_retirement_mark_survives_a_reopen_and_is_checked() {
         Err(StorageError::CorruptRetirement(_))
     ));
 }
+
+/// A peer the group now has as a learner is sent only a snapshot that lists
+/// it as one: the stored snapshot may be from before it was removed and
+/// added back, when it was a voter, and a replica without a log refuses
+/// such a snapshot (`raft::engine`). The storage asks for a fresh one
+/// instead (simulator seed 14260: a re-added replica refused its leader's
+/// old snapshot until the next compaction).
+#[test]
+fn a_learner_is_sent_only_a_snapshot_that_lists_it_as_one() {
+    let store = RaftStore::new(memory_db());
+    let storage = five_entries(&store, G1);
+    write(&store, |b| {
+        b.compact(&storage, 4, 1, &conf(&[1, 2, 3], &[]), b"old".to_vec())
+    })
+    .expect("compact");
+    assert!(
+        storage.snapshot(0, 3).is_ok(),
+        "3 is a voter as far as raft knows"
+    );
+    storage.note_learners(&[3]);
+    assert_eq!(
+        storage.snapshot(0, 3),
+        Err(raft::Error::Store(
+            raft::StorageError::SnapshotTemporarilyUnavailable
+        ))
+    );
+    assert!(storage.snapshot_wanted());
+    assert!(storage.snapshot(0, 2).is_ok(), "a voter still gets it");
+    write(&store, |b| {
+        b.compact(&storage, 5, 1, &conf(&[1, 2], &[3]), b"new".to_vec())
+    })
+    .expect("compact");
+    let snapshot = storage.snapshot(0, 3).expect("the fresh snapshot");
+    assert_eq!(snapshot.get_data(), b"new");
+}
