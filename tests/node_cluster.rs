@@ -429,3 +429,57 @@ async fn a_stamp_beyond_the_clock_offset_leaves_the_clock_alone() {
         "{second} against {first}"
     );
 }
+
+/// A replica deletes itself once its group's configuration has left it,
+/// and asks the group's leader first. A leader cut off from its group still
+/// says it leads, with a configuration the group may have left, until
+/// check-quorum demotes it; only a leader a quorum still follows may answer
+/// (seed 17065 of the sweep: a stale leader's status said a node was gone,
+/// the node deleted its replica, and the group, which had added it back as
+/// a voter, lost its quorum for good).
+#[tokio::test]
+async fn only_a_leader_a_quorum_follows_says_who_a_group_has() {
+    let c = Cluster::form(3).await;
+    c.await_replication(3).await;
+    let group = GroupId(1);
+    let (outsider, _inbound) = c.net.endpoint(n(9));
+    let ask = |to| {
+        let outsider = outsider.clone();
+        async move {
+            let request = codec::encode(&Request::GroupMembers { group });
+            let bytes = outsider
+                .call(to, request, Duration::from_secs(1))
+                .await
+                .ok()?;
+            codec::decode::<Response>(&bytes).ok()
+        }
+    };
+    let leader = eventually("group 1 to have a leader", || async {
+        for id in 1..=3 {
+            if c.node(n(id)).group(group).await.ok()??.is_leader {
+                return Some(n(id));
+            }
+        }
+        None
+    })
+    .await;
+    assert_eq!(
+        ask(leader).await,
+        Some(Response::Members(vec![n(1), n(2), n(3)]))
+    );
+    let follower = (1..=3).map(n).find(|&id| id != leader).unwrap();
+    assert!(matches!(
+        ask(follower).await,
+        Some(Response::Error(NodeError::NotLeader { .. }))
+    ));
+    for id in (1..=3).map(n).filter(|&id| id != leader) {
+        c.net.partition(leader, id);
+    }
+    let view = c.node(leader).group(group).await.unwrap().unwrap();
+    assert!(view.is_leader, "cut off, it still says it leads: {view:?}");
+    let answer = ask(leader).await;
+    assert!(
+        !matches!(answer, Some(Response::Members(_))),
+        "a leader cut off from its group answered: {answer:?}"
+    );
+}

@@ -445,6 +445,7 @@ fn main() {
         ),
         ("read-metadata", Request::ReadMetadata),
         ("status", Request::Status),
+        ("group-members", Request::GroupMembers { group: GroupId(2) }),
         (
             "forwarded",
             Request::Forwarded(vec![
@@ -503,6 +504,7 @@ fn main() {
                 leader: Some(node(2)),
             }),
         ),
+        ("members", Response::Members(vec![node(1), node(3)])),
         (
             "error-retired",
             Response::Error(NodeError::Retired { node: node(3) }),

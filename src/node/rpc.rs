@@ -63,6 +63,13 @@ pub enum Request {
     /// [`Request::travels_forwarded`]; answered by [`Response::Forwarded`]
     /// (see `node::forward`).
     Forwarded(Vec<ByteBuf>),
+    /// Every node a group's Raft configuration lists, in any role, read
+    /// linearizably at its leader; answered with [`Response::Members`]. A
+    /// replica asks before it deletes itself (a leader cut off from its
+    /// group may still believe in a configuration the group has left).
+    GroupMembers {
+        group: GroupId,
+    },
 }
 
 /// The most calls one [`Request::Forwarded`] batch may hold; a larger batch
@@ -197,6 +204,8 @@ pub enum Response {
     /// The encoded answers to a [`Request::Forwarded`] batch, one per item
     /// and in its order.
     Forwarded(Vec<ByteBuf>),
+    /// The answer to [`Request::GroupMembers`].
+    Members(Vec<NodeId>),
 }
 
 impl Wire for Response {

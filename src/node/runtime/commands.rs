@@ -168,6 +168,9 @@ impl Runtime {
                 serving_or_refuse!(self, reply);
                 self.start_read(GroupId::METADATA, ReadReply::Metadata(reply));
             }
+            Command::GroupMembers { group, reply } => {
+                self.start_read(group, ReadReply::Members { reply });
+            }
             Command::ReadMetadataLocal { reply } => {
                 let state = self.metadata.as_ref().map(|c| Box::new(c.state().clone()));
                 let _ = reply.send(state);

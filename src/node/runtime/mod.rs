@@ -96,6 +96,11 @@ pub(crate) enum Command {
     ReadMetadata {
         reply: oneshot::Sender<Result<Box<crate::core::cache::MetadataState>, NodeError>>,
     },
+    /// Every node `group`'s configuration lists, read linearizably.
+    GroupMembers {
+        group: GroupId,
+        reply: oneshot::Sender<Result<Vec<NodeId>, NodeError>>,
+    },
     ReadMetadataLocal {
         reply: oneshot::Sender<Option<Box<crate::core::cache::MetadataState>>>,
     },
@@ -142,6 +147,9 @@ enum ReadReply {
         reply: oneshot::Sender<Result<(u64, Vec<u8>), NodeError>>,
     },
     Metadata(oneshot::Sender<Result<Box<crate::core::cache::MetadataState>, NodeError>>),
+    Members {
+        reply: oneshot::Sender<Result<Vec<NodeId>, NodeError>>,
+    },
 }
 
 impl ReadReply {
@@ -150,6 +158,7 @@ impl ReadReply {
             ReadReply::Data { reply, .. } => drop(reply.send(Err(error))),
             ReadReply::Export { reply, .. } => drop(reply.send(Err(error))),
             ReadReply::Metadata(tx) => drop(tx.send(Err(error))),
+            ReadReply::Members { reply } => drop(reply.send(Err(error))),
         }
     }
 }

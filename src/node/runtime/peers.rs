@@ -173,6 +173,11 @@ impl Runtime {
                 });
                 answer_later(rx, reply, Response::Committed);
             }
+            Request::GroupMembers { group } => {
+                let (tx, rx) = oneshot::channel();
+                self.on_command(Command::GroupMembers { group, reply: tx });
+                answer_later(rx, reply, Response::Members);
+            }
             Request::ExportVShard { group, vshard } => {
                 let (tx, rx) = oneshot::channel();
                 self.on_command(Command::ExportVShard {

@@ -2,7 +2,7 @@
 //! leads, then the read waits until its index has been applied.
 
 use super::{take_where, PendingRead, ReadReply, Runtime};
-use crate::core::ids::{GroupId, VShardId};
+use crate::core::ids::{GroupId, NodeId, VShardId};
 use crate::core::vshard_gate::GateRefusal;
 use crate::node::rpc::NodeError;
 use raft::StateRole;
@@ -130,6 +130,27 @@ impl Runtime {
                         .map(|c| Box::new(c.state().clone()))
                         .ok_or(NodeError::NoMetadata);
                     let _ = tx.send(result);
+                }
+                ReadReply::Members { reply } => {
+                    let result = self
+                        .engine
+                        .conf_state(read.group)
+                        .map(|cs| {
+                            let mut ids: Vec<u64> = [
+                                cs.get_voters(),
+                                cs.get_voters_outgoing(),
+                                cs.get_learners(),
+                                cs.get_learners_next(),
+                            ]
+                            .concat();
+                            ids.sort_unstable();
+                            ids.dedup();
+                            ids.into_iter()
+                                .filter_map(|id| NodeId::new(id).ok())
+                                .collect()
+                        })
+                        .ok_or_else(|| self.not_leader(read.group));
+                    let _ = reply.send(result);
                 }
             }
         }

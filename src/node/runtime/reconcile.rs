@@ -168,30 +168,22 @@ impl Runtime {
         let me = self.me;
         let timeout = self.config.request_timeout;
         tokio::spawn(async move {
+            let ask = codec::encode(&Request::GroupMembers { group });
             for peer in voters.into_iter().filter(|&p| p != me) {
-                let Ok(bytes) = transport
-                    .call(peer, codec::encode(&Request::Status), timeout)
-                    .await
-                else {
+                let Ok(bytes) = transport.call(peer, ask.clone(), timeout).await else {
                     continue;
                 };
-                let Ok(Response::Status(status)) = codec::decode::<Response>(&bytes) else {
-                    continue;
-                };
-                let Some(view) = status
-                    .groups
-                    .iter()
-                    .find(|v| v.group == group && v.is_leader)
-                else {
-                    continue;
-                };
-                let listed = [&view.voters, &view.voters_outgoing, &view.learners]
-                    .iter()
-                    .any(|nodes| nodes.contains(&me));
-                if !listed {
-                    let _ = own.send(Command::DestroyReplica { group });
+                // Only the leader answers, and only once a quorum confirmed
+                // its leadership: one cut off from the group may still run
+                // a configuration the group has left (seed 17065: a stale
+                // leader's status said this node was gone, and the group,
+                // which had added it back as a voter, lost its quorum).
+                if let Ok(Response::Members(members)) = codec::decode::<Response>(&bytes) {
+                    if !members.contains(&me) {
+                        let _ = own.send(Command::DestroyReplica { group });
+                    }
+                    return;
                 }
-                return;
             }
         });
     }
