@@ -6,7 +6,6 @@ mod common;
 
 use common::*;
 use keel::core::ids::{GroupId, MigrationId, NodeId, VShardId};
-use keel::core::migration::{MigrationCheckpointPayload, MigrationPhaseTag};
 use keel::core::rebalance::PlannedMove;
 use keel::core::routing::GroupRoute;
 use keel::core::topology::NodeState;
@@ -16,15 +15,6 @@ use keel::node::Node;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Keys of `vshard`, found by search (the mapping is crc32c).
-fn keys_of(vshard: VShardId, count: usize) -> Vec<String> {
-    (0u32..)
-        .map(|i| format!("key-{i}"))
-        .filter(|k| VShardId::for_key(k.as_bytes()) == vshard)
-        .take(count)
-        .collect()
-}
 
 /// `group`'s route as `via`'s replica of group 0 has it.
 async fn route_of(c: &Cluster, via: NodeId, group: GroupId) -> GroupRoute {
@@ -40,26 +30,6 @@ async fn move_replica_to_4(via: &Node, group: GroupId, source: NodeId) -> Migrat
         target: n(4),
     };
     start_move(via, planned).await.unwrap()
-}
-
-/// Waits until the migration finished; `Some(pause)` if it completed,
-/// `None` if it was aborted (its row is gone).
-async fn finished(node: &Node, id: MigrationId) -> Option<u64> {
-    eventually("the migration to finish", || async {
-        let state = node.metadata().await.ok()?;
-        match state.migrations.get(&id) {
-            None => Some(None),
-            Some(row) if row.phase == MigrationPhaseTag::Complete => {
-                let pause = match row.verify().ok()? {
-                    MigrationCheckpointPayload::Replica(p) => p.write_pause_us,
-                    MigrationCheckpointPayload::VShard(p) => p.write_pause_us,
-                };
-                Some(Some(pause.expect("a complete move records its pause")))
-            }
-            Some(_) => None,
-        }
-    })
-    .await
 }
 
 /// Joins `id` and waits until group 0 has made it an active node, which a

@@ -557,6 +557,13 @@ fn main() {
             },
         ),
         ("finalize-ca", ClientRequest::FinalizeCa { keep: [3; 32] }),
+        (
+            "create-group",
+            ClientRequest::CreateGroup {
+                voters: vec![node(1), node(3)],
+            },
+        ),
+        ("drop-group", ClientRequest::DropGroup { group: GroupId(9) }),
     ];
     for (name, request) in &client_requests {
         c.add(&format!("client-request-{name}"), &codec::encode(request));
@@ -572,6 +579,13 @@ fn main() {
         ),
         ("kv", ClientResponse::Kv(KvResponse::Ok)),
         ("done", ClientResponse::Done),
+        (
+            "group-created",
+            ClientResponse::GroupCreated {
+                group: GroupId(9),
+                voters: vec![node(1), node(3)],
+            },
+        ),
         ("error", ClientResponse::Error(ServiceError::Forbidden)),
     ];
     for (name, response) in &client_responses {

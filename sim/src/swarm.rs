@@ -34,6 +34,8 @@ pub struct Swarm {
     /// Replica moves, vShard moves, rebalances and decommissions started
     /// during the chaos phase.
     pub migration_ops: u64,
+    /// Data groups created, and empty ones dropped, during the chaos phase.
+    pub group_ops: u64,
     /// Simulated milliseconds the chaos phase lasts at least.
     pub chaos_ms: u64,
     /// Mean simulated milliseconds between two injected faults (0: none).
@@ -164,6 +166,7 @@ impl Swarm {
             crash_phase: None,
             rotting_node: None,
             bit_flip_rate: 0.0,
+            group_ops: 0,
         };
         // Drawn after everything else, for the same reason.
         if swarm.fault_interval_ms > 0 && swarm.migration_ops > 0 {
@@ -173,6 +176,9 @@ impl Swarm {
         if swarm.kills && swarm.replication_factor >= 3 && chance(&mut rng, 80) {
             swarm.rotting_node = Some(pick(&mut rng, 1, swarm.nodes));
             swarm.bit_flip_rate = pick(&mut rng, 50, 100) as f64 / 100.0;
+        }
+        if chance(&mut rng, 40) {
+            swarm.group_ops = pick(&mut rng, 1, 4);
         }
         swarm
     }

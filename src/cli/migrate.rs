@@ -218,7 +218,7 @@ fn node_id(id: u64, flag: &str) -> Result<NodeId, String> {
 
 /// The service's refusals name the reason after a prefix that says only
 /// that it is one; the CLI prints the reason.
-fn server_error(e: String) -> String {
+pub(super) fn server_error(e: String) -> String {
     let e = e.strip_prefix("bad request: ").unwrap_or(&e);
     let e = e.strip_prefix("the checkpoint was refused: ").unwrap_or(e);
     e.to_owned()
@@ -241,11 +241,12 @@ async fn start_vshard(
     to: GroupId,
 ) -> Result<(PlannedMove, MigrationId), String> {
     let (first, _) = client.statuses().await?;
-    let data_groups = first.vshard_groups.iter().map(|g| g.0).max().unwrap_or(0);
-    if to.0 == 0 || to.0 > data_groups {
+    if !first.data_groups.contains(&to) {
+        let groups: Vec<String> = first.data_groups.iter().map(|g| g.0.to_string()).collect();
         return Err(format!(
-            "group {} is not a data group; the data groups are 1 to {data_groups}",
-            to.0
+            "group {} is not a data group; the data groups are {}",
+            to.0,
+            groups.join(", ")
         ));
     }
     if let Some(moving) = first.migrations.iter().find(|m| {

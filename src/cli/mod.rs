@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod client;
+mod group;
 pub mod migrate;
 mod offline;
 pub mod routes;
@@ -73,6 +74,11 @@ enum Command {
     Decommission(migrate::DecommissionArgs),
     /// Even out replicas, leaders and vShards across the nodes.
     Rebalance(migrate::RebalanceArgs),
+    /// Create or drop data groups.
+    Group {
+        #[command(subcommand)]
+        command: group::GroupCommand,
+    },
     /// The cluster CA.
     Ca {
         #[command(subcommand)]
@@ -254,6 +260,7 @@ async fn run(command: Command) -> Result<(), String> {
         Command::Migrate { command } => migrate::migrate(command).await,
         Command::Decommission(args) => migrate::decommission(args).await,
         Command::Rebalance(args) => migrate::rebalance(args).await,
+        Command::Group { command } => group::group(command).await,
         Command::Ca {
             command:
                 CaCommand::Rotate {

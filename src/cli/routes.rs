@@ -201,6 +201,7 @@ pub(super) mod tests {
                 groups,
                 retired: false,
             },
+            data_groups: vec![GroupId(1), GroupId(2)],
         }
     }
 

@@ -1,4 +1,5 @@
-//! Up-replication: which node gets a data group's next replica.
+//! Up-replication: which node gets a data group's next replica, and which
+//! nodes found a new group.
 //!
 //! A cluster bootstraps on one node, so every data group starts with one
 //! replica; as nodes join and become active, each group is brought up to
@@ -20,18 +21,7 @@ pub fn next_replicas(
     routing: &RoutingTable,
     replication_factor: usize,
 ) -> Vec<(GroupId, NodeId)> {
-    let mut load: BTreeMap<NodeId, usize> = topology
-        .nodes()
-        .filter(|(_, info)| matches!(info.state, NodeState::Active(_)))
-        .map(|(node, _)| (node, 0))
-        .collect();
-    for (_, route) in routing.groups() {
-        for node in route.voters.iter().chain(&route.learners) {
-            if let Some(count) = load.get_mut(node) {
-                *count += 1;
-            }
-        }
-    }
+    let mut load = replica_load(topology, routing);
     let mut placed = Vec::new();
     for (group, route) in routing.groups() {
         if route.voters.len() + route.learners.len() >= replication_factor {
@@ -48,6 +38,45 @@ pub fn next_replicas(
         }
     }
     placed
+}
+
+/// The voters of a new data group: the `replication_factor` active nodes
+/// hosting the fewest replicas (ties to the lowest id), or every active
+/// node if there are fewer, in id order.
+pub fn founders(
+    topology: &Topology,
+    routing: &RoutingTable,
+    replication_factor: usize,
+) -> Vec<NodeId> {
+    let mut by_load: Vec<(usize, NodeId)> = replica_load(topology, routing)
+        .into_iter()
+        .map(|(node, count)| (count, node))
+        .collect();
+    by_load.sort_unstable();
+    let mut chosen: Vec<NodeId> = by_load
+        .into_iter()
+        .take(replication_factor)
+        .map(|(_, node)| node)
+        .collect();
+    chosen.sort_unstable();
+    chosen
+}
+
+/// How many replicas (voters and learners) each active node hosts.
+fn replica_load(topology: &Topology, routing: &RoutingTable) -> BTreeMap<NodeId, usize> {
+    let mut load: BTreeMap<NodeId, usize> = topology
+        .nodes()
+        .filter(|(_, info)| matches!(info.state, NodeState::Active(_)))
+        .map(|(node, _)| (node, 0))
+        .collect();
+    for (_, route) in routing.groups() {
+        for node in route.voters.iter().chain(&route.learners) {
+            if let Some(count) = load.get_mut(node) {
+                *count += 1;
+            }
+        }
+    }
+    load
 }
 
 #[cfg(test)]
@@ -135,5 +164,26 @@ mod tests {
         }
         assert!(next_replicas(&topology, &routing, 3).is_empty());
         assert!(next_replicas(&topology, &routing, 1).is_empty());
+    }
+
+    #[test]
+    fn a_new_group_is_founded_on_the_least_loaded_active_nodes() {
+        let (mut topology, mut routing) = cluster(5, 4);
+        // Nodes 2..=5 take one replica each of groups 1..=4 (round-robin
+        // from the least loaded), node 1 holds all four.
+        settle(&topology, &mut routing, 2);
+        topology
+            .apply(&TopologyChange::StartDecommission { node_id: n(5) })
+            .unwrap();
+        routing
+            .apply(&RoutingChange::AddLearner {
+                group_id: GroupId(1),
+                node_id: n(3),
+            })
+            .unwrap();
+        // Loads: 1 → 4, 2 → 1, 3 → 2, 4 → 1; node 5 is draining.
+        assert_eq!(founders(&topology, &routing, 2), [n(2), n(4)]);
+        assert_eq!(founders(&topology, &routing, 3), [n(2), n(3), n(4)]);
+        assert_eq!(founders(&topology, &routing, 7), [n(1), n(2), n(3), n(4)]);
     }
 }

@@ -11,7 +11,11 @@
 //! - group 0 (the metadata group) is never in the table: it spans all nodes
 //!   and is described by the topology instead;
 //! - each group's voters and learners are sorted, unique and disjoint, there
-//!   is at least one voter, and the leader hint is a voter or `None`;
+//!   is at least one voter, the leader hint is a voter or `None`, and its
+//!   founders are sorted and unique;
+//! - no group id is above the highest ever created, so an id is never
+//!   given to a second group (a node may still hold a replica of a dropped
+//!   one);
 //! - a ghost stub `(vshard, group)` names an existing group that no longer
 //!   serves that vShard.
 
@@ -32,6 +36,12 @@ pub struct GroupRoute {
     pub learners: Vec<NodeId>,
     /// The last known leader; a hint, since Raft may elect another at any time.
     pub leader: Option<NodeId>,
+    /// Sorted, unique: the voters the group was created with, the membership
+    /// of its first snapshot. Never changes. A founder that is still a voter
+    /// and has never hosted the group starts it from that snapshot; every
+    /// other member waits for its leader to send one (see
+    /// [`GroupRoute::starts_from_scratch`]).
+    pub founders: Vec<NodeId>,
 }
 
 impl GroupRoute {
@@ -46,6 +56,17 @@ impl GroupRoute {
     /// Voter or learner.
     pub fn is_member(&self, node: NodeId) -> bool {
         self.is_voter(node) || self.is_learner(node)
+    }
+
+    /// Whether `node` writes the group's first snapshot itself when it
+    /// first hosts the group, rather than waiting for one from the leader:
+    /// only a founder that is still a voter. The node must also never have
+    /// hosted the group before (its storage refuses otherwise): a founder
+    /// that starts from scratch has acknowledged nothing, so it is no more
+    /// than a voter that is far behind, whereas one that had acknowledged
+    /// entries and starts over would have forgotten them.
+    pub fn starts_from_scratch(&self, node: NodeId) -> bool {
+        self.is_voter(node) && self.founders.binary_search(&node).is_ok()
     }
 
     /// Removes voter `node` and the leader hint naming it. The last voter is
@@ -69,7 +90,10 @@ impl GroupRoute {
         if self.voters.is_empty() {
             return Err("has no voters".into());
         }
-        if !strictly_sorted(&self.voters) || !strictly_sorted(&self.learners) {
+        if !strictly_sorted(&self.voters)
+            || !strictly_sorted(&self.learners)
+            || !strictly_sorted(&self.founders)
+        {
             return Err("has unsorted or duplicate members".into());
         }
         if let Some(node) = self.learners.iter().find(|&&n| self.is_voter(n)) {
@@ -185,6 +209,10 @@ pub enum RoutingError {
     UnknownGroup { group: GroupId },
     #[error("data group {group} already exists")]
     GroupExists { group: GroupId },
+    #[error("data group id {group} was given to an earlier group (ids up to {last} are taken, dropped groups' too); create group {} instead", last.0.saturating_add(1))]
+    GroupIdTaken { group: GroupId, last: GroupId },
+    #[error("the cluster already has {max} data groups, one per vShard at most; drop an empty group first")]
+    TooManyGroups { max: u64 },
     #[error("data group {group} cannot be created without voters")]
     NoVoters { group: GroupId },
     #[error("node {node} is listed twice among the voters of new group {group}")]
@@ -229,6 +257,8 @@ pub struct RoutingTable {
     groups: BTreeMap<GroupId, GroupRoute>,
     /// Ghost stubs: `(vshard, group that used to serve it)` → epoch of the move.
     ghosts: BTreeMap<(VShardId, GroupId), u64>,
+    /// The highest data group id ever created.
+    last_group: GroupId,
 }
 
 /// The unchecked wire form of [`RoutingTable`] (same fields, same order).
@@ -238,6 +268,7 @@ struct RoutingTableRepr {
     vshards: Vec<GroupId>,
     groups: BTreeMap<GroupId, GroupRoute>,
     ghosts: BTreeMap<(VShardId, GroupId), u64>,
+    last_group: GroupId,
 }
 
 impl TryFrom<RoutingTableRepr> for RoutingTable {
@@ -249,6 +280,7 @@ impl TryFrom<RoutingTableRepr> for RoutingTable {
             vshards: repr.vshards,
             groups: repr.groups,
             ghosts: repr.ghosts,
+            last_group: repr.last_group,
         };
         table.check_invariants().map_err(CorruptTable)?;
         Ok(table)
@@ -306,6 +338,7 @@ impl RoutingTable {
                 let mut voters: Vec<NodeId> = (0..rf).map(node_at).collect();
                 voters.sort_unstable();
                 let route = GroupRoute {
+                    founders: voters.clone(),
                     voters,
                     learners: Vec::new(),
                     leader: Some(node_at(0)),
@@ -321,6 +354,7 @@ impl RoutingTable {
             vshards,
             groups,
             ghosts: BTreeMap::new(),
+            last_group: GroupId(data_groups),
         })
     }
 
@@ -369,6 +403,11 @@ impl RoutingTable {
     /// Every data group, in id order.
     pub fn groups(&self) -> impl Iterator<Item = (GroupId, &GroupRoute)> + '_ {
         self.groups.iter().map(|(&id, route)| (id, route))
+    }
+
+    /// The id a new group takes: one above the highest ever created.
+    pub fn next_group_id(&self) -> GroupId {
+        GroupId(self.last_group.0.saturating_add(1))
     }
 
     /// The vShards `group` serves, in id order.
@@ -514,6 +553,17 @@ impl RoutingTable {
                 if self.groups.contains_key(&group_id) {
                     return Err(RoutingError::GroupExists { group: group_id });
                 }
+                if group_id <= self.last_group {
+                    return Err(RoutingError::GroupIdTaken {
+                        group: group_id,
+                        last: self.last_group,
+                    });
+                }
+                if self.groups.len() as u64 >= MAX_DATA_GROUPS {
+                    return Err(RoutingError::TooManyGroups {
+                        max: MAX_DATA_GROUPS,
+                    });
+                }
                 let mut sorted = voters.clone();
                 sorted.sort_unstable();
                 if sorted.is_empty() {
@@ -528,11 +578,13 @@ impl RoutingTable {
                 // No leader hint yet: the group has not elected one. The first
                 // LeadershipTransfer or ReassignVShard into it sets one.
                 let route = GroupRoute {
+                    founders: sorted.clone(),
                     voters: sorted,
                     learners: Vec::new(),
                     leader: None,
                 };
                 self.groups.insert(group_id, route);
+                self.last_group = group_id;
             }
             RoutingChange::DropGroup { group_id } => {
                 self.data_group_mut(group_id)?;
@@ -582,6 +634,16 @@ impl RoutingTable {
         }
         if self.groups.contains_key(&GroupId::METADATA) {
             return Err("it lists the metadata group as a data group".into());
+        }
+        if let Some((&id, _)) = self
+            .groups
+            .last_key_value()
+            .filter(|(&id, _)| id > self.last_group)
+        {
+            return Err(format!(
+                "it lists group {id}, above the highest group id ever created, {}",
+                self.last_group
+            ));
         }
         for (id, route) in &self.groups {
             route
@@ -999,6 +1061,119 @@ mod tests {
         assert_eq!(table.apply(&remove_learner), Ok(before.epoch() + 1));
     }
 
+    /// A created group keeps its founders through every membership change,
+    /// and only a founder still a voter starts it from scratch.
+    #[test]
+    fn founders_are_the_voters_a_group_was_created_with() {
+        let mut table = small();
+        assert_eq!(table.group(GroupId(1)).unwrap().founders, nodes([1, 2]));
+        let g3 = table.next_group_id();
+        assert_eq!(g3, GroupId(3));
+        table
+            .apply(&RoutingChange::CreateGroup {
+                group_id: g3,
+                voters: nodes([4, 1, 3]),
+            })
+            .unwrap();
+        let route = table.group(g3).unwrap();
+        assert_eq!(
+            (&route.voters, &route.founders),
+            (&nodes([1, 3, 4]), &nodes([1, 3, 4]))
+        );
+        assert_eq!(route.leader, None);
+        for change in [
+            RoutingChange::RemoveMember {
+                group_id: g3,
+                node_id: n(1),
+            },
+            RoutingChange::DemoteVoter {
+                group_id: g3,
+                node_id: n(3),
+            },
+            RoutingChange::AddLearner {
+                group_id: g3,
+                node_id: n(2),
+            },
+            RoutingChange::PromoteLearner {
+                group_id: g3,
+                node_id: n(2),
+            },
+        ] {
+            table.apply(&change).unwrap();
+        }
+        let route = table.group(g3).unwrap();
+        assert_eq!(route.founders, nodes([1, 3, 4]));
+        let from_scratch: Vec<u64> = (1..=4)
+            .filter(|&id| route.starts_from_scratch(n(id)))
+            .collect();
+        // 1 left, 3 is a learner now, 2 joined later: only 4.
+        assert_eq!(from_scratch, [4]);
+        assert_eq!(table.next_group_id(), GroupId(4));
+    }
+
+    /// A dropped group's id is never given to another group: a node may
+    /// still hold a replica of the dropped one.
+    #[test]
+    fn group_ids_are_never_reused() {
+        let mut table = small();
+        let g3 = GroupId(3);
+        let create = RoutingChange::CreateGroup {
+            group_id: g3,
+            voters: nodes([1]),
+        };
+        table.apply(&create).unwrap();
+        table
+            .apply(&RoutingChange::DropGroup { group_id: g3 })
+            .unwrap();
+        let before = table.clone();
+        let taken = table.apply(&create).unwrap_err();
+        assert_eq!(
+            taken,
+            RoutingError::GroupIdTaken {
+                group: g3,
+                last: g3
+            }
+        );
+        assert!(
+            taken.to_string().contains("create group 4 instead"),
+            "{taken}"
+        );
+        assert_eq!(table, before);
+        let older = RoutingChange::CreateGroup {
+            group_id: GroupId(2),
+            voters: nodes([1]),
+        };
+        assert_eq!(
+            table.apply(&older),
+            Err(RoutingError::GroupExists { group: GroupId(2) })
+        );
+        assert_eq!(table.next_group_id(), GroupId(4));
+    }
+
+    #[test]
+    fn groups_are_bounded_by_the_vshard_count() {
+        let mut table = small();
+        for id in 3..=MAX_DATA_GROUPS {
+            let create = RoutingChange::CreateGroup {
+                group_id: GroupId(id),
+                voters: nodes([1]),
+            };
+            table.apply(&create).unwrap();
+        }
+        let before = table.clone();
+        let one_more = RoutingChange::CreateGroup {
+            group_id: table.next_group_id(),
+            voters: nodes([1]),
+        };
+        assert_eq!(
+            table.apply(&one_more),
+            Err(RoutingError::TooManyGroups {
+                max: MAX_DATA_GROUPS
+            })
+        );
+        assert_eq!(table, before);
+    }
+
     #[test]
     fn an_exhausted_epoch_refuses_every_change() {
         let mut table = small();
@@ -1048,6 +1223,14 @@ mod tests {
         live_ghost.ghosts.insert((v(0), GroupId(1)), 1);
         let mut future_ghost = good.clone();
         future_ghost.ghosts.insert((v(0), GroupId(2)), 2);
+        let mut unsorted_founders = good.clone();
+        unsorted_founders
+            .groups
+            .get_mut(&GroupId(1))
+            .unwrap()
+            .founders = nodes([2, 1]);
+        let mut unborn = good.clone();
+        unborn.last_group = GroupId(1);
         for corrupt in [
             short,
             orphan,
@@ -1058,6 +1241,8 @@ mod tests {
             metadata,
             live_ghost,
             future_ghost,
+            unsorted_founders,
+            unborn,
         ] {
             assert!(corrupt.check_invariants().is_err(), "{:?}", corrupt.groups);
             assert!(decode(&corrupt).is_err(), "{:?}", corrupt.groups);

@@ -422,6 +422,15 @@ impl Node {
         rx.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// Every member of `group`, from the configuration this node applied
+    /// as the group's leader, once a quorum confirmed that leadership (a
+    /// read index). A node that does not lead the group refuses: a leader
+    /// cut off from its group may run a configuration the group has left.
+    pub async fn group_members(&self, group: GroupId) -> Result<Vec<NodeId>, NodeError> {
+        self.local(|reply| Command::GroupMembers { group, reply })
+            .await
+    }
+
     /// The view of `group` from this node, if it hosts it.
     pub async fn group(&self, group: GroupId) -> Result<Option<rpc::GroupView>, NodeError> {
         Ok(self

@@ -15,9 +15,11 @@ use crate::core::entry::{BatchEntries, CertFingerprint, MetadataEntry};
 use crate::core::ids::{GroupId, MigrationId, NodeId, VShardId};
 use crate::core::kv::{KvCommand, KvQuery, KvResponse};
 use crate::core::migration::{MigrationCheckpointPayload, MigrationPhaseTag, MigrationRow};
+use crate::core::placement;
 use crate::core::rebalance::{
     check_replica_move, plan_decommission, plan_rebalance, ClusterView, PlannedMove,
 };
+use crate::core::routing::RoutingChange;
 use crate::core::token::{JoinToken, JoinTokenTransitionKind};
 use crate::core::topology::TopologyChange;
 use crate::node::join::{admit, Issuer, JoinError, JoinGrant, JoinRequest};
@@ -103,6 +105,14 @@ pub enum ClientRequest {
     /// Plan moves that even out replicas, leaders and vShards, and (unless
     /// `dry_run`) start up to `max_moves` of them. Answers the plan.
     Rebalance { dry_run: bool, max_moves: u32 },
+    /// Create a data group with `voters` as its founders (none: the
+    /// replication factor's worth of active nodes hosting the fewest
+    /// replicas). It serves no vShard until moves give it some (`keel
+    /// rebalance`). Answers once the creation is committed.
+    CreateGroup { voters: Vec<NodeId> },
+    /// Drop a data group that serves no vShard and that no migration is
+    /// changing; its replicas are deleted.
+    DropGroup { group: GroupId },
 }
 
 impl Wire for ClientRequest {
@@ -139,6 +149,9 @@ pub struct ClusterStatus {
     pub rejected_entries: u64,
     /// This node's own groups: leaders, terms, indexes, failures.
     pub local: NodeStatus,
+    /// Every data group routing lists, in id order (a new group serves no
+    /// vShard until moves give it some).
+    pub data_groups: Vec<GroupId>,
 }
 
 /// One migration as `keel status` and `keel migrate` show it.
@@ -213,6 +226,11 @@ pub enum ClientResponse {
     },
     Done,
     Error(ServiceError),
+    /// A data group was created on these founders.
+    GroupCreated {
+        group: GroupId,
+        voters: Vec<NodeId>,
+    },
 }
 
 impl Wire for ClientResponse {
@@ -323,17 +341,55 @@ async fn handle(
         }
         ClientRequest::RemoveNode { node: id } => {
             let leave = MetadataEntry::TopologyChange(TopologyChange::Leave { node_id: id });
-            match node.propose_metadata(leave).await?.outcome {
-                Outcome::Metadata(Some(reason)) => {
-                    Err(ServiceError::BadRequest(reason.to_string()))
-                }
-                _ => Ok(ClientResponse::Done),
-            }
+            commit_checked(node, leave).await?;
+            Ok(ClientResponse::Done)
         }
         ClientRequest::StageCa { cert_der, key_der } => {
             stage_ca(node, credentials, cert_der, key_der).await
         }
         ClientRequest::FinalizeCa { keep } => finalize_ca(node, credentials, keep).await,
+        ClientRequest::CreateGroup { voters } => create_group(node, voters).await,
+        ClientRequest::DropGroup { group } => {
+            let drop = RoutingChange::DropGroup { group_id: group };
+            commit_checked(node, MetadataEntry::RoutingChange(drop)).await?;
+            Ok(ClientResponse::Done)
+        }
+    }
+}
+
+/// Picks the new group's id (and, unless given, its founders) from the
+/// leader's state and commits its creation. Two creations racing for one
+/// id: the second is refused and names the next free id.
+async fn create_group(node: &Node, voters: Vec<NodeId>) -> Result<ClientResponse, ServiceError> {
+    let state = node.metadata().await?;
+    let voters = if voters.is_empty() {
+        let rf = usize::try_from(state.replication_factor).unwrap_or(usize::MAX);
+        let founders = placement::founders(&state.topology, &state.routing, rf);
+        if founders.is_empty() {
+            return Err(ServiceError::BadRequest(
+                "no active node can host a new group".into(),
+            ));
+        }
+        founders
+    } else {
+        voters
+    };
+    let group = state.routing.next_group_id();
+    let create = RoutingChange::CreateGroup {
+        group_id: group,
+        voters: voters.clone(),
+    };
+    commit_checked(node, MetadataEntry::RoutingChange(create)).await?;
+    let mut voters = voters;
+    voters.sort_unstable();
+    Ok(ClientResponse::GroupCreated { group, voters })
+}
+
+/// Commits an entry to group 0; a rejection is the caller's error.
+async fn commit_checked(node: &Node, entry: MetadataEntry) -> Result<(), ServiceError> {
+    match node.propose_metadata(entry).await?.outcome {
+        Outcome::Metadata(Some(reason)) => Err(ServiceError::BadRequest(reason.to_string())),
+        _ => Ok(()),
     }
 }
 
@@ -379,6 +435,7 @@ async fn status(
             .collect(),
         rejected_entries: state.rejected_total,
         local,
+        data_groups: state.routing.groups().map(|(group, _)| group).collect(),
     })))
 }
 

@@ -724,3 +724,44 @@ fn a_replica_without_a_log_takes_a_first_snapshot_only_as_a_learner() {
     );
     assert!(c.node(n(4)).engine.has_work());
 }
+
+/// A node that deleted its replica of a group may have acknowledged
+/// entries it no longer has: it never starts that group from its first
+/// snapshot again, even after a restart, and waits for its leader's.
+#[test]
+fn a_deleted_replica_is_never_started_from_scratch_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("n1.redb");
+    let bootstrap = GroupBootstrap {
+        voters: vec![n(1), n(2)],
+        data: KvStateMachine::new().snapshot(),
+    };
+    let open = || {
+        let db = Arc::new(redb::Database::create(&path).expect("open redb"));
+        Engine::new(n(1), EngineConfig::default(), RaftStore::new(db))
+    };
+    let voters = |engine: &Engine, group| engine.conf_state(group).unwrap().get_voters().to_vec();
+    let mut engine = open();
+    assert!(engine
+        .open_group(G, Some(bootstrap.clone()))
+        .unwrap()
+        .is_some());
+    assert_eq!(voters(&engine, G), [1, 2]);
+    engine.destroy_group(G).unwrap();
+    assert!(engine
+        .open_group(G, Some(bootstrap.clone()))
+        .unwrap()
+        .is_none());
+    assert!(voters(&engine, G).is_empty());
+    // Another group is not affected.
+    let other = GroupId(2);
+    assert!(engine
+        .open_group(other, Some(bootstrap.clone()))
+        .unwrap()
+        .is_some());
+    drop(engine);
+    let mut engine = open();
+    assert_eq!(engine.persisted_groups().unwrap(), [other]);
+    assert!(engine.open_group(G, Some(bootstrap)).unwrap().is_none());
+    assert!(voters(&engine, G).is_empty());
+}

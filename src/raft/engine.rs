@@ -245,8 +245,9 @@ impl Engine {
 
     /// Hosts `group`. With a [`GroupBootstrap`], a brand-new group starts
     /// from that membership and state-machine snapshot (cluster bootstrap,
-    /// group creation); with none, the replica waits for its leader to send a
-    /// snapshot (a new learner or voter). Persisted state, if any, always
+    /// group creation), unless this node once had a replica of the group
+    /// and deleted it; with none, the replica waits for its leader to send
+    /// a snapshot (a new learner or voter). Persisted state, if any, always
     /// wins. Returns the group's stored snapshot, from which the caller
     /// restores the state machine before applying anything.
     pub fn open_group(
@@ -260,7 +261,14 @@ impl Engine {
         let storage = self.store.open_group(group, &[])?;
         let brand_new = storage.last_index() == 0 && storage.snapshot_data()?.is_none();
         if let (true, Some(bootstrap)) = (brand_new, bootstrap) {
-            self.write_bootstrap_snapshot(&storage, bootstrap)?;
+            if self.store.destroyed(group)? {
+                // Once a member, it may have acknowledged entries it has
+                // since forgotten: it waits for a snapshot like any new
+                // replica instead of counting as a voter from scratch.
+                crate::probe!("raft.bootstrap_refused_destroyed");
+            } else {
+                self.write_bootstrap_snapshot(&storage, bootstrap)?;
+            }
         }
         let snapshot = match storage.snapshot_data()? {
             Some((metadata, data)) => {

@@ -2,11 +2,14 @@
 //! (runtime, multi-Raft engine, redb files) on the in-process transport.
 #![allow(dead_code)] // each test crate uses its own part of the harness
 
+pub mod service;
+
 use keel::core::cache::Bootstrap;
 use keel::core::codec;
 use keel::core::entry::MetadataEntry;
-use keel::core::ids::{GroupId, NodeId, VShardId};
+use keel::core::ids::{GroupId, MigrationId, NodeId, VShardId};
 use keel::core::kv::{KvCommand, KvQuery, KvResponse, KvStateMachine};
+use keel::core::migration::{MigrationCheckpointPayload, MigrationPhaseTag};
 use keel::core::routing::RoutingChange;
 use keel::core::topology::TopologyChange;
 use keel::io::clock::{SystemClock, WallClock};
@@ -299,4 +302,33 @@ impl Cluster {
         })
         .await
     }
+}
+
+/// Keys of `vshard`, found by search (the mapping is crc32c).
+pub fn keys_of(vshard: VShardId, count: usize) -> Vec<String> {
+    (0u32..)
+        .map(|i| format!("key-{i}"))
+        .filter(|k| VShardId::for_key(k.as_bytes()) == vshard)
+        .take(count)
+        .collect()
+}
+
+/// Waits until the migration finished; `Some(pause)` if it completed,
+/// `None` if it was aborted (its row is gone).
+pub async fn finished(node: &Node, id: MigrationId) -> Option<u64> {
+    eventually("the migration to finish", || async {
+        let state = node.metadata().await.ok()?;
+        match state.migrations.get(&id) {
+            None => Some(None),
+            Some(row) if row.phase == MigrationPhaseTag::Complete => {
+                let pause = match row.verify().ok()? {
+                    MigrationCheckpointPayload::Replica(p) => p.write_pause_us,
+                    MigrationCheckpointPayload::VShard(p) => p.write_pause_us,
+                };
+                Some(Some(pause.expect("a complete move records its pause")))
+            }
+            Some(_) => None,
+        }
+    })
+    .await
 }

@@ -8,6 +8,7 @@ use keel::core::codec;
 use keel::core::ids::{GroupId, NodeId};
 use keel::core::kv::KvCommand;
 use keel::core::migration::MigrationPhaseTag;
+use keel::core::routing::RoutingTable;
 use keel::core::topology::NodeState;
 
 /// A condition the supervisor waits for.
@@ -108,6 +109,33 @@ impl AsyncCheck<()> for Writable {
                 None
             }
         }
+    }
+}
+
+/// The routing table, from a linearizable read of group 0.
+pub(super) struct CurrentRouting;
+impl AsyncCheck<RoutingTable> for CurrentRouting {
+    async fn check(&mut self, c: &SimCluster) -> Option<RoutingTable> {
+        Some(c.entry().await?.metadata().await.ok()?.routing)
+    }
+}
+
+/// The data group, which serves no vShard to write to, has a leader that
+/// a quorum follows (it answers a read index); or routing no longer lists
+/// it.
+pub(super) struct Led(pub(super) GroupId);
+impl AsyncCheck<()> for Led {
+    async fn check(&mut self, c: &SimCluster) -> Option<()> {
+        let node = c.entry().await?;
+        if node.metadata().await.ok()?.routing.group(self.0).is_none() {
+            return Some(());
+        }
+        for id in c.up_nodes() {
+            if c.node(id)?.group_members(self.0).await.is_ok() {
+                return Some(());
+            }
+        }
+        None
     }
 }
 

@@ -6,6 +6,7 @@ use super::{lock, log_to, n, LostNodes, Registry, TokenConsumptions};
 use crate::credentials::SimCredentials;
 use crate::history::{History, Op, Outcome as HistoryOutcome};
 use crate::swarm::Swarm;
+use keel::core::cache::MetadataState;
 use keel::core::codec;
 use keel::core::entry::MetadataEntry;
 use keel::core::hlc::Hlc;
@@ -258,6 +259,27 @@ pub(super) async fn metadata_loop(
     }
 }
 
+/// A random registered node and its own (possibly stale) view of the
+/// metadata, as an operator's tool would read it.
+async fn random_view(registry: &Registry, rng: &mut ChaCha8Rng) -> Option<(Node, MetadataState)> {
+    let nodes: Vec<Node> = lock(registry).values().cloned().collect();
+    if nodes.is_empty() {
+        return None;
+    }
+    let via = nodes[(rng.next_u64() % nodes.len() as u64) as usize].clone();
+    let state = via.metadata_local().await.ok()?;
+    Some((via, state))
+}
+
+fn active_nodes(state: &MetadataState) -> Vec<NodeId> {
+    state
+        .topology
+        .nodes()
+        .filter(|(_, info)| matches!(info.state, NodeState::Active(_)))
+        .map(|(id, _)| id)
+        .collect()
+}
+
 /// Moves under chaos, through the client service of random nodes, as an
 /// operator would start them: vShard moves, replica moves, rebalances and
 /// (at most once, when the cluster can spare a node) a decommission.
@@ -266,21 +288,13 @@ pub(super) async fn migration_loop(swarm: Swarm, registry: Registry, seed: u64) 
     let mut decommissioned = false;
     for _ in 0..swarm.migration_ops {
         sleep(Duration::from_millis(200 + rng.next_u64() % 600)).await;
-        let nodes: Vec<Node> = lock(&registry).values().cloned().collect();
-        if nodes.is_empty() {
-            continue;
-        }
-        let via = nodes[(rng.next_u64() % nodes.len() as u64) as usize].clone();
-        let Ok(state) = via.metadata_local().await else {
+        let Some((via, state)) = random_view(&registry, &mut rng).await else {
             continue;
         };
-        let group = GroupId(1 + rng.next_u64() % swarm.data_groups);
-        let active: Vec<NodeId> = state
-            .topology
-            .nodes()
-            .filter(|(_, info)| matches!(info.state, NodeState::Active(_)))
-            .map(|(id, _)| id)
-            .collect();
+        // Among the groups routing lists (created and dropped ones too).
+        let groups: Vec<GroupId> = state.routing.groups().map(|(g, _)| g).collect();
+        let group = groups[(rng.next_u64() % groups.len() as u64) as usize];
+        let active = active_nodes(&state);
         let request = match rng.next_u64() % 10 {
             0..=3 => {
                 let vshard = VShardId::new((rng.next_u64() % 1024) as u16).expect("in range");
@@ -334,6 +348,44 @@ pub(super) async fn migration_loop(swarm: Swarm, registry: Registry, seed: u64) 
                     dry_run: rng.next_u64() % 4 == 0,
                 }
             }
+        };
+        let _ = service_call(&via, Caller::Admin, &request).await;
+    }
+}
+
+/// Data groups created and dropped under chaos, through the client service
+/// of random nodes: three in four create a group (on founders keel picks,
+/// or on a random set of active nodes), one in four drops a group that
+/// serves no vShard. Rebalances then move vShards into new groups.
+pub(super) async fn group_loop(swarm: Swarm, registry: Registry, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    for _ in 0..swarm.group_ops {
+        sleep(Duration::from_millis(300 + rng.next_u64() % 1_200)).await;
+        let Some((via, state)) = random_view(&registry, &mut rng).await else {
+            continue;
+        };
+        let request = if rng.next_u64() % 4 == 0 {
+            let empty: Vec<GroupId> = state
+                .routing
+                .groups()
+                .map(|(g, _)| g)
+                .filter(|&g| state.routing.vshards_of(g).next().is_none())
+                .collect();
+            if empty.is_empty() {
+                continue;
+            }
+            ClientRequest::DropGroup {
+                group: empty[(rng.next_u64() % empty.len() as u64) as usize],
+            }
+        } else if rng.next_u64() % 2 == 0 {
+            ClientRequest::CreateGroup { voters: Vec::new() }
+        } else {
+            let mut active = active_nodes(&state);
+            let size = 1 + (rng.next_u64() % swarm.replication_factor as u64) as usize;
+            while active.len() > size {
+                active.remove((rng.next_u64() % active.len() as u64) as usize);
+            }
+            ClientRequest::CreateGroup { voters: active }
         };
         let _ = service_call(&via, Caller::Admin, &request).await;
     }

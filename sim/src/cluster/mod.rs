@@ -12,7 +12,7 @@ use crate::disk::SimDisk;
 use crate::history::{History, Op, Outcome as HistoryOutcome};
 use crate::net::{self, NetControl, NetFaults};
 use crate::swarm::Swarm;
-use keel::core::ids::{GroupId, NodeId, VShardId};
+use keel::core::ids::{GroupId, NodeId};
 use keel::core::migration::MigrationPhaseTag;
 use keel::core::token::JoinToken;
 use keel::core::topology::NodeState;
@@ -30,11 +30,11 @@ use std::time::Duration;
 use tokio::time::{sleep, Instant};
 
 use checks::{
-    AllActive, AllRunning, AsyncCheck, Converged, GroupsReplicated, MetadataVoters, Readable,
-    Ready, Removed, Settled, Writable,
+    AllActive, AllRunning, AsyncCheck, Converged, CurrentRouting, GroupsReplicated, Led,
+    MetadataVoters, Readable, Ready, Removed, Settled, Writable,
 };
 use clients::{
-    client_loop, join_loop, join_request, liveness_key, metadata_loop, migration_loop,
+    client_loop, group_loop, join_loop, join_request, liveness_key, metadata_loop, migration_loop,
     replace_lost_nodes, service_call, workload_key, FINAL_READER,
 };
 use node::{disk_faults, node_main, signed, NodeSetup};
@@ -450,6 +450,14 @@ impl SimCluster {
                 self.rng.next_u64(),
             ));
         }
+        if self.swarm.group_ops > 0 {
+            let machine = self.handle.create_node().name("grouper").build();
+            machine.spawn(group_loop(
+                self.swarm.clone(),
+                self.registry.clone(),
+                self.rng.next_u64(),
+            ));
+        }
         let chaos_end = Instant::now() + Duration::from_millis(self.swarm.chaos_ms);
         loop {
             let clients_done = done.load(Ordering::SeqCst) == self.swarm.clients;
@@ -687,25 +695,32 @@ impl SimCluster {
     pub async fn liveness(&mut self) -> Result<(), String> {
         self.until(LIVENESS_BOUND, "every node runs", AllRunning)
             .await?;
-        let groups = self.swarm.data_groups;
-        for g in 1..=groups {
-            let vshard = VShardId::all()
-                .find(|v| v.get() as u64 % groups + 1 == g)
-                .expect("every group has vShards");
-            let key = liveness_key(vshard);
-            let writable = self
-                .until(
-                    LIVENESS_BOUND,
-                    &format!("group {g} accepts a write"),
-                    Writable(key.clone()),
-                )
-                .await;
-            if let Err(e) = writable {
-                let replicas = self.replica_summary(GroupId(g)).await;
+        let routing = self
+            .until(LIVENESS_BOUND, "routing readable", CurrentRouting)
+            .await?;
+        for (group, _) in routing.groups() {
+            // A group that serves vShards takes a write to one of them; a
+            // created group that serves none yet must still elect.
+            let served = match routing.vshards_of(group).next() {
+                Some(vshard) => {
+                    self.until(
+                        LIVENESS_BOUND,
+                        &format!("{group} accepts a write"),
+                        Writable(liveness_key(vshard)),
+                    )
+                    .await
+                }
+                None => {
+                    self.until(LIVENESS_BOUND, &format!("{group} elects"), Led(group))
+                        .await
+                }
+            };
+            if let Err(e) = served {
+                let replicas = self.replica_summary(group).await;
                 return Err(format!("{e}; replicas: {replicas}"));
             }
         }
-        self.log("liveness: every group writable".into());
+        self.log("liveness: every group writable or led".into());
         Ok(())
     }
 
@@ -734,8 +749,11 @@ impl SimCluster {
 
     /// Replicas of every group converge byte for byte at equal applied indexes.
     pub async fn converged(&self) -> Result<Vec<u8>, String> {
+        let routing = self
+            .until(LIVENESS_BOUND, "routing readable", CurrentRouting)
+            .await?;
         let mut groups = vec![GroupId::METADATA];
-        groups.extend((1..=self.swarm.data_groups).map(GroupId));
+        groups.extend(routing.groups().map(|(group, _)| group));
         let mut finals = Vec::new();
         for group in groups {
             let waited = self

@@ -10,7 +10,7 @@ use super::{
 use crate::core::entry::{CertFingerprint, MetadataEntry};
 use crate::core::hlc::Hlc;
 use crate::core::hooks::{AppliedEvent, AuditRecord};
-use crate::core::ids::{MigrationId, NodeId};
+use crate::core::ids::{GroupId, MigrationId, NodeId};
 use crate::core::lease::LeaseError;
 use crate::core::migration::{
     Compensation, MigrationError, MigrationPhaseTag, MigrationRow, UpsertDecision,
@@ -86,6 +86,14 @@ impl MetadataState {
                     self.check_can_host(*node_id)?;
                 }
             }
+            RoutingChange::DropGroup { group_id } => {
+                if let Some(migration) = self.migration_changing(*group_id) {
+                    return Err(RejectReason::GroupInMigration {
+                        group: *group_id,
+                        migration,
+                    });
+                }
+            }
             _ => {}
         }
         self.routing.apply(change)?;
@@ -122,6 +130,18 @@ impl MetadataState {
     /// no other unfinished migration changes one of its groups. Checked at
     /// apply time, so two coordinators racing to start moves on one group
     /// cannot both win.
+    /// The unfinished migration that changes `group`, if any (one whose
+    /// checkpoint does not verify counts: it may).
+    fn migration_changing(&self, group: GroupId) -> Option<MigrationId> {
+        self.migrations
+            .iter()
+            .find(|(_, row)| {
+                row.phase != MigrationPhaseTag::Complete
+                    && row.verify().map_or(true, |p| p.groups().contains(&group))
+            })
+            .map(|(&id, _)| id)
+    }
+
     fn check_migration_start(&self, row: &MigrationRow) -> Result<(), MigrationError> {
         use crate::core::migration::MigrationCheckpointPayload as Payload;
         use crate::core::topology::NodeState;
@@ -135,11 +155,7 @@ impl MetadataState {
             if self.routing.group(group).is_none() {
                 return Err(cannot(format!("group {group} does not exist")));
             }
-            let busy = self.migrations.iter().find(|(_, other)| {
-                other.phase != MigrationPhaseTag::Complete
-                    && other.verify().map_or(true, |p| p.groups().contains(&group))
-            });
-            if let Some((&other, _)) = busy {
+            if let Some(other) = self.migration_changing(group) {
                 return Err(MigrationError::GroupBusy {
                     migration_id,
                     group,

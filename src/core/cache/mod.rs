@@ -80,6 +80,11 @@ pub enum RejectReason {
         position: usize,
         reason: Box<RejectReason>,
     },
+    #[error("group {group} takes part in migration {migration}; drop it once that migration has finished or aborted")]
+    GroupInMigration {
+        group: GroupId,
+        migration: MigrationId,
+    },
 }
 
 /// Rejections of `CaTrustChange`.

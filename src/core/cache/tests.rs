@@ -298,6 +298,80 @@ fn replica_checkpoint(phase: MigrationPhaseTag, attempt: u32) -> MigrationRow {
     )
 }
 
+/// A created group is dropped only while no migration changes it; its
+/// founders must be nodes that can host it.
+#[test]
+fn groups_are_created_on_active_nodes_and_dropped_outside_migrations() {
+    use crate::core::routing::RoutingChange;
+    let mut cache = bootstrap();
+    let mut events = Vec::new();
+    apply_entries(&mut cache, cluster_prefix(), &mut events).unwrap();
+    let group = cache.state().routing.next_group_id();
+    let create = |voters: Vec<NodeId>| {
+        MetadataEntry::RoutingChange(RoutingChange::CreateGroup {
+            group_id: group,
+            voters,
+        })
+    };
+    let last_reason = |cache: &MetadataCache| {
+        cache
+            .state()
+            .recent_rejections
+            .back()
+            .map(|r| r.reason.clone())
+    };
+    apply_entries(&mut cache, vec![create(vec![n(2), n(9)])], &mut events).unwrap();
+    assert!(matches!(
+        last_reason(&cache),
+        Some(RejectReason::NodeNotActive { node_id, .. }) if node_id == n(9)
+    ));
+    apply_entries(&mut cache, vec![create(vec![n(2), n(3)])], &mut events).unwrap();
+    assert_eq!(
+        cache.state().routing.group(group).unwrap().founders,
+        [n(2), n(3)]
+    );
+    let mut moving = replica_checkpoint(MigrationPhaseTag::AddLearner, 0);
+    moving.migration_id = MigrationId::from_random_bytes([7; 16]);
+    let mut payload = match moving.verify().unwrap() {
+        MigrationCheckpointPayload::Replica(p) => p,
+        other => panic!("{other:?}"),
+    };
+    payload.group_id = group;
+    payload.source = n(2);
+    payload.target = n(4);
+    let moving = MigrationRow::new(
+        moving.migration_id,
+        MigrationPhaseTag::AddLearner,
+        0,
+        &MigrationCheckpointPayload::Replica(payload),
+        42,
+    );
+    let drop = MetadataEntry::RoutingChange(RoutingChange::DropGroup { group_id: group });
+    apply_entries(
+        &mut cache,
+        vec![MetadataEntry::from(&moving), drop.clone()],
+        &mut events,
+    )
+    .unwrap();
+    assert_eq!(
+        last_reason(&cache),
+        Some(RejectReason::GroupInMigration {
+            group,
+            migration: moving.migration_id
+        })
+    );
+    assert!(cache.state().routing.group(group).is_some());
+    let abort = MetadataEntry::MigrationAbort {
+        migration_id: moving.migration_id,
+        reason: "test".into(),
+        compensations: Vec::new(),
+    };
+    let rejected = cache.state().rejected_total;
+    apply_entries(&mut cache, vec![abort, drop], &mut events).unwrap();
+    assert_eq!(cache.state().rejected_total, rejected);
+    assert!(cache.state().routing.group(group).is_none());
+}
+
 #[test]
 fn a_migration_starts_only_where_it_fits_and_one_per_group() {
     let mut cache = bootstrap();

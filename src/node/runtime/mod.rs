@@ -203,6 +203,12 @@ pub(crate) struct Runtime {
     liveness: Liveness,
     /// The metadata applied index the last reconciliation saw.
     reconciled_metadata: Option<u64>,
+    /// Group 0's commit index as stored when this node started. Its cache
+    /// restarts from a snapshot, so until it has applied that far again its
+    /// routing may predate what this node acted on before (a group created
+    /// since, which it hosts): no replica is deleted on the word of such a
+    /// routing.
+    metadata_replay_to: u64,
     /// A peer said group 0 retired this node, which this node's own replica
     /// of group 0 may never learn (see `retirement`); kept on disk, so it
     /// holds across restarts.
@@ -275,6 +281,7 @@ impl Runtime {
             topology_inflight: Vec::new(),
             liveness: Liveness::new(ping_interval),
             reconciled_metadata: None,
+            metadata_replay_to: 0,
             retired: false,
             cut_off_since: None,
             clock_ahead: false,
@@ -294,6 +301,10 @@ impl Runtime {
             // A joining node: group 0 arrives as a snapshot from its leader.
             runtime.host(GroupId::METADATA, None)?;
         }
+        runtime.metadata_replay_to = runtime
+            .engine
+            .status(GroupId::METADATA)
+            .map_or(0, |s| s.commit);
         Ok(runtime)
     }
 

@@ -9,9 +9,10 @@ use super::{
 use crate::core::codec;
 use crate::core::entry::MetadataEntry;
 use crate::core::ids::{GroupId, NodeId};
+use crate::node::data_group::DataGroup;
 use crate::node::membership::{next_change, Wanted};
 use crate::node::rpc::{NodeError, Request, Response};
-use crate::raft::engine::conf_change;
+use crate::raft::engine::{conf_change, GroupBootstrap};
 use raft::StateRole;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -40,12 +41,16 @@ impl Runtime {
         // asks none of them. One that was away meanwhile learns it from its
         // peers, its own routing being stale for good (`retirement`).
         let retired = self.is_retired();
+        let replayed = cache.applied_index() >= self.metadata_replay_to;
+        if !replayed {
+            crate::probe!("replica.removal_waits_for_replay");
+        }
         // Replicas routing no longer lists, with the voters to ask whether
         // the replica has left the group's Raft configuration.
         let removed: Vec<(GroupId, Vec<NodeId>)> = self
             .engine
             .groups()
-            .filter(|&g| !g.is_metadata())
+            .filter(|&g| !g.is_metadata() && (retired || replayed))
             .filter_map(|g| match state.routing.group(g) {
                 _ if retired => Some((g, Vec::new())),
                 Some(route) if route.is_member(self.me) => None,
@@ -60,9 +65,14 @@ impl Runtime {
         let fresh = self.reconciled_metadata != Some(cache.applied_index());
         self.reconciled_metadata = Some(cache.applied_index());
         for (group, route) in state.routing.groups() {
-            let member = route.voters.contains(&self.me) || route.learners.contains(&self.me);
-            if member && !retired && !self.engine.hosts(group) {
-                to_host.push(group);
+            if route.is_member(self.me) && !retired && !self.engine.hosts(group) {
+                // A founder still a voter writes the group's first snapshot
+                // itself (the engine refuses if it once had a replica); any
+                // other member waits for its leader's.
+                let founders = route
+                    .starts_from_scratch(self.me)
+                    .then(|| route.founders.clone());
+                to_host.push((group, founders));
             }
             if !fresh && self.engine.status(group).is_some_and(|s| s.asleep) {
                 continue;
@@ -89,8 +99,15 @@ impl Runtime {
         for (group, hint) in hints {
             self.follow_leader_hint(group, hint);
         }
-        for group in to_host {
-            if let Err(e) = self.host(group, None) {
+        for (group, founders) in to_host {
+            let bootstrap = founders.map(|voters| {
+                crate::probe!("group.founded");
+                GroupBootstrap {
+                    voters,
+                    data: DataGroup::new((self.factory)(group)).snapshot(),
+                }
+            });
+            if let Err(e) = self.host(group, bootstrap) {
                 tracing::error!(node = %self.me, %group, error = %e, "cannot host group");
             }
         }

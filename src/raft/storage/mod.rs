@@ -58,6 +58,10 @@ const RAFT_LOG: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("raft_
 const RAFT_STATE: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_state");
 /// `group` → encoded snapshot (metadata and data).
 const RAFT_SNAPSHOT: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_snapshot");
+/// `group` → nothing: every group whose replica this node deleted. A new
+/// group's founder starts it from its first snapshot only if it never had
+/// a replica of it (see [`RaftStore::destroyed`]).
+const DESTROYED_GROUPS: TableDefinition<u64, ()> = TableDefinition::new("destroyed_groups");
 /// `0` → encoded [`RetiredRow`], once this node was retired.
 const NODE_RETIRED: TableDefinition<u64, &[u8]> = TableDefinition::new("node_retired");
 
@@ -152,9 +156,9 @@ impl RaftStore {
     }
 
     /// Deletes everything stored for `group` (its replica was removed and
-    /// its data must not leak), durably. The group must be closed: a group
-    /// with a live handle is refused, since that handle would keep serving
-    /// state that is no longer on disk.
+    /// its data must not leak), durably, and records that it did. The group
+    /// must be closed: a group with a live handle is refused, since that
+    /// handle would keep serving state that is no longer on disk.
     pub fn destroy_group(&self, group: GroupId) -> Result<(), StorageError> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         if open.get(&group).is_some_and(|m| m.strong_count() > 0) {
@@ -162,12 +166,33 @@ impl RaftStore {
         }
         open.remove(&group);
         let txn = begin_durable_write(&self.db, Durability::Immediate)?;
-        let deleted = delete_group(&txn, group);
+        let deleted = delete_group(&txn, group).and_then(|()| {
+            txn.open_table(DESTROYED_GROUPS)
+                .map_err(redb_error)?
+                .insert(group.0, ())
+                .map_err(redb_error)?;
+            Ok(())
+        });
         if let Err(e) = deleted {
             let _ = txn.abort();
             return Err(e);
         }
         txn.commit().map_err(redb_error)
+    }
+
+    /// Whether this node ever deleted a replica of `group`. Such a node may
+    /// have acknowledged entries of the group and forgotten them with the
+    /// replica, so it must never again write the group's first snapshot and
+    /// count as a voter from it: it rejoins only as a learner, from a
+    /// snapshot its leader sends.
+    pub fn destroyed(&self, group: GroupId) -> Result<bool, StorageError> {
+        let txn = self.db.begin_read().map_err(redb_error)?;
+        let table = match txn.open_table(DESTROYED_GROUPS) {
+            Ok(table) => table,
+            Err(TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(redb_error(e)),
+        };
+        Ok(table.get(group.0).map_err(redb_error)?.is_some())
     }
 
     /// Records, durably, that the cluster retired `node` (this database's
