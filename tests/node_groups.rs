@@ -76,7 +76,7 @@ async fn a_created_group_serves_a_moved_vshard_and_is_dropped() {
     let drop = ClientRequest::DropGroup { group };
     match call(c.node(n(1)), Caller::Admin, drop.clone()).await {
         ClientResponse::Error(ServiceError::BadRequest(why)) => {
-            assert!(why.contains("still serves 1 vShards"), "{why}");
+            assert!(why.contains("still serves 1 vShard;"), "{why}");
         }
         other => panic!("a group serving a vShard was dropped: {other:?}"),
     }

@@ -1663,6 +1663,62 @@ fn migrations_move_a_vshard_and_a_replica_while_a_client_writes() {
         "`keel status` should list the completed moves with their pause:\n{text}"
     );
 
+    // A data group created for the 1,000-key vShard, then dropped once it
+    // moved on again.
+    let created: Value =
+        serde_json::from_str(&must(&["group", "create", "--dir", &c.dir, "--json"]))
+            .expect("`keel group create --json` prints JSON");
+    let new_group = created["group"].as_u64().expect("the new group's id");
+    assert!(
+        new_group > data_groups,
+        "a new group takes a new id: {created}"
+    );
+    let new_arg = new_group.to_string();
+    let vshard_arg = big_vshard.get().to_string();
+    let (row, took) = migrate_json(&[
+        "migrate",
+        "vshard",
+        "--dir",
+        &c.dir,
+        &vshard_arg,
+        "--to",
+        &new_arg,
+        "--json",
+    ]);
+    println!(
+        "[migrate] NEW GROUP {new_group} on nodes {}: {} in {took:.2?}",
+        created["voters"],
+        row["what"].as_str().unwrap_or("")
+    );
+    let wrong = read_back(&c, &pairs[..1_000], 32);
+    assert!(wrong.is_empty(), "keys lost in the new group: {wrong:?}");
+    must_fail(
+        &["group", "drop", "--dir", &c.dir, &new_arg],
+        "still serves 1 vShard;",
+    );
+    migrate_json(&[
+        "migrate",
+        "vshard",
+        "--dir",
+        &c.dir,
+        &vshard_arg,
+        "--to",
+        &dest.0.to_string(),
+        "--json",
+    ]);
+    must(&["group", "drop", "--dir", &c.dir, &new_arg]);
+    wait_until(
+        "no node hosts the dropped group",
+        Duration::from_secs(10),
+        || {
+            let report = c.status(&[])?;
+            match group(&report, new_group) {
+                Some(g) => Err(format!("still listed: {g}")),
+                None => Ok(()),
+            }
+        },
+    );
+
     // Node 4 leaves again: its replicas move off, then it is removed.
     let plan = must(&["decommission", "--dir", &c.dir, "4", "--dry-run"]);
     assert!(

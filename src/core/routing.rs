@@ -233,7 +233,10 @@ pub enum RoutingError {
         "node {node} is the last voter of group {group}; add another voter before removing it"
     )]
     LastVoter { group: GroupId, node: NodeId },
-    #[error("group {group} still serves {vshards} vShards; move them away before dropping it")]
+    #[error(
+        "group {group} still serves {vshards} vShard{}; move every vShard out of it before dropping it",
+        if *vshards == 1 { "" } else { "s" }
+    )]
     GroupNotEmpty { group: GroupId, vshards: usize },
     #[error("group {group} holds no ghost stub for vShard {vshard}")]
     NoSuchGhost { vshard: VShardId, group: GroupId },
