@@ -297,7 +297,15 @@ pub(super) async fn migration_loop(swarm: Swarm, registry: Registry, seed: u64) 
         let active = active_nodes(&state);
         let request = match rng.next_u64() % 10 {
             0..=3 => {
-                let vshard = VShardId::new((rng.next_u64() % 1024) as u16).expect("in range");
+                // Half the moves take the vShard of a key the clients use,
+                // so that writes and reads meet fences, gates and stale
+                // routes; the others any vShard.
+                let draw = rng.next_u64();
+                let vshard = if draw % 2 == 0 {
+                    VShardId::for_key(workload_key(draw / 2 % swarm.keys).as_bytes())
+                } else {
+                    VShardId::new((draw / 2 % 1024) as u16).expect("in range")
+                };
                 let from = state.routing.lookup(vshard).group;
                 if group == from {
                     continue;
@@ -381,7 +389,13 @@ pub(super) async fn group_loop(swarm: Swarm, registry: Registry, seed: u64) {
             ClientRequest::CreateGroup { voters: Vec::new() }
         } else {
             let mut active = active_nodes(&state);
-            let size = 1 + (rng.next_u64() % swarm.replication_factor as u64) as usize;
+            let mut size = 1 + (rng.next_u64() % swarm.replication_factor as u64) as usize;
+            if swarm.rotting_node.is_some() {
+                // A node whose disk rots is lost; every group must keep a
+                // quorum of sound replicas without it (see `Swarm`), which
+                // fewer founders than the replication factor may not.
+                size = swarm.replication_factor;
+            }
             while active.len() > size {
                 active.remove((rng.next_u64() % active.len() as u64) as usize);
             }
