@@ -27,6 +27,11 @@ use std::collections::{BTreeMap, BTreeSet};
 /// anything, so bootstrap refuses them.
 pub const MAX_DATA_GROUPS: u64 = VSHARD_COUNT as u64;
 
+/// The most voters a data group has: the bound on the replication factor
+/// and on a new group's founders (Raft's cost grows with each voter, and
+/// seven survive three failures).
+pub const MAX_REPLICATION_FACTOR: usize = 7;
+
 /// The membership of one data group, mirroring its Raft configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupRoute {
@@ -209,10 +214,6 @@ pub enum RoutingError {
     UnknownGroup { group: GroupId },
     #[error("data group {group} already exists")]
     GroupExists { group: GroupId },
-    #[error("data group id {group} was given to an earlier group (ids up to {last} are taken, dropped groups' too); create group {} instead", last.0.saturating_add(1))]
-    GroupIdTaken { group: GroupId, last: GroupId },
-    #[error("the cluster already has {max} data groups, one per vShard at most; drop an empty group first")]
-    TooManyGroups { max: u64 },
     #[error("data group {group} cannot be created without voters")]
     NoVoters { group: GroupId },
     #[error("node {node} is listed twice among the voters of new group {group}")]
@@ -242,6 +243,16 @@ pub enum RoutingError {
     NoSuchGhost { vshard: VShardId, group: GroupId },
     #[error("the routing epoch is at its maximum and cannot be bumped again")]
     EpochExhausted,
+    #[error("data group id {group} was given to an earlier group (ids up to {last} are taken, dropped groups' too); create group {} instead", last.0.saturating_add(1))]
+    GroupIdTaken { group: GroupId, last: GroupId },
+    #[error("the cluster already has {max} data groups, one per vShard at most; drop an empty group first")]
+    TooManyGroups { max: u64 },
+    #[error("new group {group} lists {voters} voters; a group has at most {max}")]
+    TooManyVoters {
+        group: GroupId,
+        voters: usize,
+        max: usize,
+    },
 }
 
 /// A decoded routing table that breaks an invariant.
@@ -571,6 +582,13 @@ impl RoutingTable {
                 sorted.sort_unstable();
                 if sorted.is_empty() {
                     return Err(RoutingError::NoVoters { group: group_id });
+                }
+                if sorted.len() > MAX_REPLICATION_FACTOR {
+                    return Err(RoutingError::TooManyVoters {
+                        group: group_id,
+                        voters: sorted.len(),
+                        max: MAX_REPLICATION_FACTOR,
+                    });
                 }
                 if let Some(pair) = sorted.windows(2).find(|w| w[0] == w[1]) {
                     return Err(RoutingError::DuplicateVoter {
@@ -1012,6 +1030,7 @@ mod tests {
             (C::CreateGroup { group_id: g1, voters: nodes([1]) }, E::GroupExists { group: g1 }),
             (C::CreateGroup { group_id: g9, voters: vec![] }, E::NoVoters { group: g9 }),
             (C::CreateGroup { group_id: g9, voters: nodes([2, 1, 2]) }, E::DuplicateVoter { group: g9, node: n(2) }),
+            (C::CreateGroup { group_id: g9, voters: nodes(1..=8) }, E::TooManyVoters { group: g9, voters: 8, max: MAX_REPLICATION_FACTOR }),
             (C::DropGroup { group_id: g0 }, E::MetadataGroup),
             (C::DropGroup { group_id: g9 }, E::UnknownGroup { group: g9 }),
             (C::DropGroup { group_id: g1 }, E::GroupNotEmpty { group: g1, vshards: 512 }),

@@ -17,7 +17,7 @@
 //! file says. Without state it bootstraps if `[bootstrap]` is present, and
 //! otherwise joins through `join` with the token given on the command line.
 
-use crate::core::routing::MAX_DATA_GROUPS;
+use crate::core::routing::{MAX_DATA_GROUPS, MAX_REPLICATION_FACTOR};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -131,9 +131,9 @@ impl NodeFile {
                     b.data_groups
                 ));
             }
-            if b.replication_factor == 0 || b.replication_factor > 7 {
+            if b.replication_factor == 0 || b.replication_factor > MAX_REPLICATION_FACTOR {
                 return Err(format!(
-                    "bootstrap.replication_factor must be between 1 and 7, not {}",
+                    "bootstrap.replication_factor must be between 1 and {MAX_REPLICATION_FACTOR}, not {}",
                     b.replication_factor
                 ));
             }
