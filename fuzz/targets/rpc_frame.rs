@@ -125,8 +125,11 @@ fn check_raft_frame(frame: &RaftFrame) {
             // (fuzz/regressions/rpc_frame/protobuf-message-field-repeated):
             // the same message, represented differently. So the parsed
             // message must print the same once written and parsed again
-            // (every known field survives), and from there writing and
-            // parsing must be exact.
+            // (every known field survives), and from there a write and a
+            // parse must give an equal message. Not equal bytes: unknown
+            // fields live in a hash map and are written in its order,
+            // which differs from one map to the next
+            // (fuzz/regressions/rpc_frame/protobuf-unknown-fields-hash-order).
             let write = |m: &Message| {
                 m.write_to_bytes()
                     .unwrap_or_else(|e| panic!("a parsed raft message does not write: {e}"))
@@ -135,19 +138,13 @@ fn check_raft_frame(frame: &RaftFrame) {
                 codec::parse_protobuf::<Message>(b)
                     .unwrap_or_else(|e| panic!("a rewritten raft message does not parse: {e}"))
             };
-            let bytes = write(message);
-            let again = parse(&bytes);
+            let again = parse(&write(message));
             assert_eq!(
                 format!("{again:?}"),
                 format!("{message:?}"),
                 "raft message round trip"
             );
-            let rewritten = write(&again);
-            assert_eq!(
-                rewritten, bytes,
-                "a rewritten raft message writes differently"
-            );
-            assert_eq!(parse(&rewritten), again, "raft message round trip");
+            assert_eq!(parse(&write(&again)), again, "raft message round trip");
         }
         (Err(e), _) => check_message(e),
         (Ok(_), Err(_)) => {
