@@ -10,10 +10,12 @@ use super::migrate::server_error;
 use crate::core::ids::{GroupId, NodeId};
 use crate::node::service::{ClientRequest, ClientResponse};
 use clap::Subcommand;
+use std::time::{Duration, Instant};
 
 #[derive(Subcommand)]
 pub enum GroupCommand {
-    /// Create a data group; `keel rebalance` then moves vShards into it.
+    /// Create a data group and wait until it has a leader; `keel
+    /// rebalance` then moves vShards into it.
     Create {
         #[command(flatten)]
         client: ClientArgs,
@@ -34,6 +36,35 @@ pub enum GroupCommand {
     },
 }
 
+/// Waits until a node reports a leader for the new group (its founders
+/// elect one within an election timeout or two), so that `keel status`
+/// right after shows it healthy.
+async fn await_leader(
+    admin: &AdminClient,
+    group: GroupId,
+    timeout: Duration,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (first, others) = admin.statuses().await?;
+        let led = std::iter::once(&first)
+            .chain(others.iter().filter_map(|(_, _, status)| status.as_ref()))
+            .flat_map(|status| &status.local.groups)
+            .any(|view| view.group == group && view.leader.is_some());
+        if led {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "group {} was created but elected no leader within {}; see `keel status`",
+                group.0,
+                humantime::format_duration(timeout)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn group(command: GroupCommand) -> Result<(), String> {
     match command {
         GroupCommand::Create {
@@ -48,13 +79,15 @@ pub async fn group(command: GroupCommand) -> Result<(), String> {
                         .map_err(|_| "--voters must name nodes (ids start at 1)".to_owned())
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let response = AdminClient::open(&client)?
+            let admin = AdminClient::open(&client)?;
+            let response = admin
                 .call(&ClientRequest::CreateGroup { voters })
                 .await
                 .map_err(server_error)?;
             let ClientResponse::GroupCreated { group, voters } = response else {
                 return Err(format!("unexpected answer: {response:?}"));
             };
+            await_leader(&admin, group, client.timeout).await?;
             let voters: Vec<u64> = voters.iter().map(|v| v.get()).collect();
             if json {
                 println!(
