@@ -9,14 +9,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 #
-# SIM_PROFILE=dev uses the debug build (what scripts/test.sh already
-# compiled); the default is release.
+# SIM_PROFILE=dev uses the debug build; SIM_PROFILE=sim an optimised build
+# with debug assertions and overflow checks (what scripts/test.sh sweeps
+# with); the default is release.
 export RUSTFLAGS="--cfg madsim" RUSTDOCFLAGS="--cfg madsim" CARGO_TARGET_DIR=target-sim
 profile=${SIM_PROFILE:-release}
 case "$profile" in
     release) dir=release ;;
     dev) dir=debug ;;
-    *) echo "error: SIM_PROFILE must be release or dev, not $profile" >&2; exit 2 ;;
+    sim) dir=sim ;;
+    *) echo "error: SIM_PROFILE must be release, sim or dev, not $profile" >&2; exit 2 ;;
 esac
 cargo build --profile "$profile" --locked -p keel-sim --bin keel-sim >&2
 exec "target-sim/$dir/keel-sim" "$@"
