@@ -219,6 +219,9 @@ pub(crate) struct Runtime {
     /// The last committed timestamp observed was too far ahead of this
     /// node's clock (see `apply`), so the warning is not repeated per entry.
     clock_ahead: bool,
+    /// A storage error met outside a round (see `storage_failed`), which
+    /// stops the node as a failed round does.
+    storage_failure: Option<EngineError>,
 }
 
 /// Why a node could not start.
@@ -285,6 +288,7 @@ impl Runtime {
             retired: false,
             cut_off_since: None,
             clock_ahead: false,
+            storage_failure: None,
         };
         // Before any group is hosted: a retired node hosts nothing again,
         // whatever its stale metadata lists on it (`retirement`).
@@ -491,6 +495,7 @@ impl Runtime {
     async fn drive(&mut self) -> Result<(), EngineError> {
         self.offer_snapshots();
         while self.engine.has_work() {
+            self.take_storage_failure()?;
             let mut pending = self.engine.begin_round()?;
             for (to, messages) in std::mem::take(&mut pending.messages) {
                 self.send(to, messages);
@@ -526,7 +531,22 @@ impl Runtime {
             }
             self.offer_snapshots();
         }
-        Ok(())
+        self.take_storage_failure()
+    }
+
+    /// Notes a storage error met outside a round: hosting a group, deleting
+    /// a replica, marking retirement. redb refuses every write after a
+    /// failed one ("close and re-open the database"), and a node whose
+    /// groups are all asleep might write nothing for long enough that no
+    /// round fails in its place; so it stops at the end of this round, as
+    /// after a failed round, and restarts from what is durable.
+    fn storage_failed(&mut self, error: EngineError) {
+        tracing::error!(node = %self.me, %error, "storage failed outside a round");
+        self.storage_failure.get_or_insert(error);
+    }
+
+    fn take_storage_failure(&mut self) -> Result<(), EngineError> {
+        self.storage_failure.take().map_or(Ok(()), Err)
     }
 
     /// Hands the engine fresh state-machine snapshots where it wants them.

@@ -4,7 +4,8 @@
 //! proposes the topology, placement and token steps that are due.
 
 use super::{
-    take_where, Command, Runtime, CATCH_UP_LAG, DESTROY_CHECK_INTERVAL, MAX_METADATA_VOTERS,
+    take_where, Command, Runtime, StartError, CATCH_UP_LAG, DESTROY_CHECK_INTERVAL,
+    MAX_METADATA_VOTERS,
 };
 use crate::core::codec;
 use crate::core::entry::MetadataEntry;
@@ -12,7 +13,7 @@ use crate::core::ids::{GroupId, NodeId};
 use crate::node::data_group::DataGroup;
 use crate::node::membership::{next_change, Wanted};
 use crate::node::rpc::{NodeError, Request, Response};
-use crate::raft::engine::{conf_change, GroupBootstrap};
+use crate::raft::engine::{conf_change, EngineError, GroupBootstrap};
 use raft::StateRole;
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -107,8 +108,12 @@ impl Runtime {
                     data: DataGroup::new((self.factory)(group)).snapshot(),
                 }
             });
-            if let Err(e) = self.host(group, bootstrap) {
-                tracing::error!(node = %self.me, %group, error = %e, "cannot host group");
+            match self.host(group, bootstrap) {
+                Ok(()) => {}
+                Err(StartError::Engine(e @ EngineError::Storage(_))) => self.storage_failed(e),
+                Err(e) => {
+                    tracing::error!(node = %self.me, %group, error = %e, "cannot host group")
+                }
             }
         }
         for (group, voters) in removed {
@@ -239,6 +244,7 @@ impl Runtime {
                     });
                 }
             }
+            Err(e @ EngineError::Storage(_)) => self.storage_failed(e),
             Err(e) => {
                 tracing::warn!(node = %self.me, %group, error = %e, "cannot delete a removed replica")
             }

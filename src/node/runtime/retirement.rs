@@ -86,8 +86,8 @@ impl Runtime {
     /// A peer said group 0 retired this node: from now on it hosts no data
     /// and serves no request. The mark goes to disk first, so a restart
     /// into the stale metadata does not host the old groups again. If it
-    /// cannot be written, the node still retires now and learns it again
-    /// from its peers after a restart.
+    /// cannot be written, the node stops as after any failed write, and
+    /// learns it again from its peers after a restart.
     pub(super) fn on_retired(&mut self) {
         if self.retired {
             return;
@@ -98,7 +98,7 @@ impl Runtime {
             "this node was decommissioned while it was away; deleting its replicas"
         );
         if let Err(e) = self.engine.mark_retired() {
-            tracing::error!(node = %self.me, error = %e, "could not record the retirement on disk");
+            self.storage_failed(e);
         }
         self.retired = true;
     }
